@@ -1,0 +1,34 @@
+"""mame-diffusers: MaMe + MaRe matrix-based token merging for diffusers and transformers.
+
+The operator lives in :mod:`mame_diffusers.merging` (pure tensor math); the diffusers
+integration in :mod:`mame_diffusers.diffusers_integration`.
+"""
+
+from .api import apply_mame, remove_mame
+from .diffusers_integration import DEFAULT_RATIO, MaMeConfig, MaMeProcessor
+from .merging import (
+    DEFAULT_BLOCK,
+    DEFAULT_HALO,
+    DEFAULT_TAU,
+    MergePlan,
+    merge_layout,
+    plan_merge,
+    proportional_attention_bias,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "DEFAULT_HALO",
+    "DEFAULT_RATIO",
+    "DEFAULT_TAU",
+    "MaMeConfig",
+    "MaMeProcessor",
+    "MergePlan",
+    "apply_mame",
+    "merge_layout",
+    "plan_merge",
+    "proportional_attention_bias",
+    "remove_mame",
+]

@@ -1,0 +1,98 @@
+"""One self-attention layer, run exactly or with a token-reduction method at a given M.
+
+Every method takes ``(attn, tokens, hw, num_merged)`` and returns the layer output for all
+``N`` tokens, so that outputs compare one to one with full attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from ..diffusers_integration import MaMeProcessor
+
+LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
+
+
+def make_self_attention(channels: int = 320, heads: int = 5, seed: int = 0) -> Attention:
+    """A diffusers self-attention module as in SD's full-resolution blocks, random weights."""
+    torch.manual_seed(seed)
+    attn = Attention(channels, heads=heads, dim_head=channels // heads)
+    attn.set_processor(AttnProcessor2_0())
+    return attn.eval()
+
+
+def full_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+    attn.set_processor(AttnProcessor2_0())
+    return attn(tokens)
+
+
+def mame_attention(**settings) -> LayerMethod:
+    """MaMe through the real processor; the 4D input gives it the exact grid."""
+
+    def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+        attn.set_processor(MaMeProcessor(**settings))
+        batch, _, channels = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
+        out = attn(grid)
+        attn.set_processor(AttnProcessor2_0())
+        return out.reshape(batch, channels, -1).transpose(1, 2)
+
+    return run
+
+
+def tomesd_strides(num_tokens: int, num_merged: int) -> int:
+    """Smallest square destination stride that lets tomesd reach ``num_merged`` tokens."""
+    return max(2, math.ceil(math.sqrt(num_tokens / num_merged) - 1e-9))
+
+
+def tomesd_attention(seed: int = 0) -> LayerMethod:
+    """tomesd's bipartite soft matching (random destination per cell), at the same M."""
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+        attn.set_processor(AttnProcessor2_0())
+        height, width = hw
+        stride = tomesd_strides(height * width, num_merged)
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        merge, unmerge = bipartite_soft_matching_random2d(
+            tokens, width, height, stride, stride, height * width - num_merged, generator=generator
+        )
+        return unmerge(attn(merge(tokens)))
+
+    return run
+
+
+def _pooled_grid(hw: tuple[int, int], num_merged: int) -> tuple[int, int]:
+    height, width = hw
+    scale = math.sqrt(num_merged / (height * width))
+    return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
+
+
+def pool_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+    """Plain average pooling before attention and nearest upsampling after it."""
+    attn.set_processor(AttnProcessor2_0())
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
+    pooled = F.adaptive_avg_pool2d(grid, _pooled_grid(hw, num_merged))
+    out = attn(pooled.flatten(2).transpose(1, 2))
+    out = out.transpose(1, 2).reshape(batch, channels, *pooled.shape[-2:])
+    return F.interpolate(out, size=hw, mode="nearest").flatten(2).transpose(1, 2)
+
+
+def kv_pool_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+    """ToDo-style: keys and values from pooled tokens, every query kept."""
+    attn.set_processor(AttnProcessor2_0())
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
+    pooled = F.adaptive_avg_pool2d(grid, _pooled_grid(hw, num_merged)).flatten(2).transpose(1, 2)
+    return attn(tokens, encoder_hidden_states=pooled)
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||estimate - reference|| / ||reference||`` over the whole tensor."""
+    return float(torch.linalg.vector_norm(estimate - reference) / torch.linalg.vector_norm(reference))

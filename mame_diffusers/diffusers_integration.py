@@ -1,0 +1,433 @@
+"""MaMe for diffusers UNets: the attention processor, and apply/remove.
+
+Self-attention (``attn1`` of every ``BasicTransformerBlock``) merges its tokens before
+attention (MaMe), attends over the merged tokens with proportional attention, and restores
+them after it (MaRe), before the residual add. Cross-attention, and self-attention at the
+levels that ``max_downsample`` leaves out, run the processor they had before.
+
+Two ways in:
+
+* ``apply_mame(pipe_or_unet, ...)`` (recommended) installs one processor per
+  self-attention module and forward pre-hooks that record the exact token grid of every
+  ``Transformer2DModel``; ``remove_mame`` undoes all of it.
+* ``unet.set_attn_processor(MaMeProcessor(...))`` works too. A bare processor sees only
+  token counts, so it assumes a square grid when the tokens form one and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from .merging import (
+    DEFAULT_ANCHOR,
+    DEFAULT_BLOCK,
+    DEFAULT_HALO,
+    DEFAULT_TAU,
+    MergePlan,
+    check_merge_settings,
+    plan_merge,
+    proportional_attention_bias,
+)
+
+__all__ = ["DEFAULT_RATIO", "MaMeConfig", "MaMeProcessor", "apply_mame_to_unet", "remove_mame_from_unet"]
+
+#: Fraction of tokens removed in the self-attention that merges (tomesd's convention).
+DEFAULT_RATIO = 0.5
+#: Share of the merging, in log terms, that falls on the queries (the rest on keys/values).
+DEFAULT_QUERY_SHARE = 0.5
+_ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class MaMeConfig:
+    """Settings of MaMe on a UNet; validated when built.
+
+    ``ratio`` sets the attention budget exactly as tomesd's ratio does: with ``M = N (1 -
+    ratio)`` merged tokens, attention costs ``M x M``. MaMe spends that budget as
+    ``M_q x M_kv = M x M``: queries merge to ``M_q = N (1 - ratio) ** query_share`` (and are
+    restored after attention), keys and values to ``M_kv = N (1 - ratio) ** (2 -
+    query_share)``. ``query_share=1`` merges both alike (tomesd's split); smaller values keep
+    more queries, which is where merging loses the most fidelity; ``0`` merges only keys
+    and values.
+
+    ``max_downsample`` counts from the highest-resolution level that has attention: ``1``
+    merges only there (the full latent resolution on SD 1.x/2.x, as in tomesd; half of it
+    on SDXL, whose first attention is one level down), ``2`` also one level lower, and so on.
+    See :func:`mame_diffusers.plan_merge` for the operator's fields.
+    """
+
+    ratio: float = DEFAULT_RATIO
+    tau: float = DEFAULT_TAU
+    max_downsample: int = 1
+    query_share: float = DEFAULT_QUERY_SHARE
+    block: int | None = DEFAULT_BLOCK
+    halo: int = DEFAULT_HALO
+    anchor: str = DEFAULT_ANCHOR
+    temperature: float | None = None
+    straight_through: bool = False
+    proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        tau = check_merge_settings(
+            ratio=self.ratio,
+            tau=self.tau,
+            block=self.block,
+            halo=self.halo,
+            anchor=self.anchor,
+            temperature=self.temperature,
+            straight_through=self.straight_through,
+        )
+        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "ratio", float(self.ratio))
+        if self.max_downsample not in _ALLOWED_DOWNSAMPLE or isinstance(self.max_downsample, bool):
+            raise ValueError(f"max_downsample must be one of {_ALLOWED_DOWNSAMPLE}, got {self.max_downsample!r}")
+        share = self.query_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"query_share must be a number in [0, 1], got {share!r}")
+        object.__setattr__(self, "query_share", float(share))
+
+    @property
+    def query_ratio(self) -> float:
+        """Fraction of queries merged (and restored after attention)."""
+        return 1.0 - (1.0 - self.ratio) ** self.query_share
+
+    @property
+    def kv_ratio(self) -> float:
+        """Fraction of keys and values merged."""
+        return 1.0 - (1.0 - self.ratio) ** (2.0 - self.query_share)
+
+    def plan(self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float) -> MergePlan:
+        return plan_merge(
+            tokens,
+            hw,
+            ratio=ratio,
+            tau=self.tau,
+            block=self.block,
+            halo=self.halo,
+            anchor=self.anchor,
+            temperature=self.temperature,
+            straight_through=self.straight_through,
+        )
+
+
+@dataclass
+class _GridTracker:
+    """Token grids seen during one UNet forward, recorded by forward pre-hooks.
+
+    One tracker belongs to one patched UNet: nothing here is global.
+    """
+
+    latent_hw: tuple[int, int] | None = None
+    current_hw: tuple[int, int] | None = None
+    #: Downsample factor of the first (highest-resolution) level with attention.
+    top_downsample: int | None = None
+
+    def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        self.latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
+        self.current_hw = None
+        self.top_downsample = None
+
+    def on_transformer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
+            self.current_hw = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+        else:
+            self.current_hw = None
+        if self.top_downsample is None and self.current_hw is not None:
+            self.top_downsample = self.downsample(self.current_hw)
+
+    def downsample(self, hw: tuple[int, int]) -> int:
+        if self.latent_hw is None:
+            return 1
+        return _nearest_power_of_two(self.latent_hw[0] / hw[0])
+
+
+def _nearest_power_of_two(value: float) -> int:
+    return 2 ** max(0, round(math.log2(max(value, 1.0))))
+
+
+class MaMeProcessor:
+    """Attention processor that merges self-attention tokens (MaMe) and restores them (MaRe).
+
+    Usable as ``unet.set_attn_processor(MaMeProcessor(ratio=0.5))``; :func:`apply_mame`
+    gives each module its own instance, wired to the exact token grid. Calls it does not
+    merge (cross-attention, levels beyond ``max_downsample``, ``ratio=0``) go to
+    ``fallback``, by default diffusers' ``AttnProcessor2_0``, so they are unchanged.
+    """
+
+    def __init__(
+        self,
+        ratio: float = DEFAULT_RATIO,
+        tau: float = DEFAULT_TAU,
+        max_downsample: int = 1,
+        *,
+        query_share: float = DEFAULT_QUERY_SHARE,
+        block: int | None = DEFAULT_BLOCK,
+        halo: int = DEFAULT_HALO,
+        anchor: str = DEFAULT_ANCHOR,
+        temperature: float | None = None,
+        straight_through: bool = False,
+        proportional_attention: bool = True,
+        fallback: Callable[..., torch.Tensor] | None = None,
+        config: MaMeConfig | None = None,
+    ) -> None:
+        self.config = config or MaMeConfig(
+            ratio=ratio,
+            tau=tau,
+            max_downsample=max_downsample,
+            query_share=query_share,
+            block=block,
+            halo=halo,
+            anchor=anchor,
+            temperature=temperature,
+            straight_through=straight_through,
+            proportional_attention=proportional_attention,
+        )
+        self.fallback = fallback if fallback is not None else AttnProcessor2_0()
+        self._fallback_kwargs = _accepted_keywords(self.fallback)
+        self._grid: _GridTracker | None = None
+        # Bare use only (no tracker): the largest self-attention seen stands for level 1.
+        self._largest_tokens = 0
+        self._warned_square_guess = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        hw = self._grid_to_merge(attn, hidden_states, encoder_hidden_states)
+        if hw is None:
+            if temb is not None:
+                kwargs["temb"] = temb
+            if self._fallback_kwargs is not None:
+                kwargs = {k: v for k, v in kwargs.items() if k in self._fallback_kwargs}
+            return self.fallback(
+                attn, hidden_states, *args, encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask, **kwargs,
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                "MaMe merges self-attention tokens and cannot apply an attention_mask to them; "
+                "remove the mask or remove MaMe from this model"
+            )
+        return self._merged_attention(attn, hidden_states, hw, temb)
+
+    # -- which calls merge, and on which grid ----------------------------------------------
+
+    def _grid_to_merge(
+        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> tuple[int, int] | None:
+        if self.config.ratio == 0.0 or encoder_hidden_states is not None or attn.is_cross_attention:
+            return None
+        if hidden_states.ndim == 4:
+            hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+            tokens = hw[0] * hw[1]
+        else:
+            tokens = int(hidden_states.shape[1])
+            hw = None
+        if self._grid is not None:
+            return self._tracked_grid(hw, tokens)
+        return self._bare_grid(hw, tokens)
+
+    def _tracked_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
+        grid = self._grid
+        recorded = grid.current_hw
+        if hw is None:
+            if recorded is None or recorded[0] * recorded[1] != tokens:
+                raise RuntimeError(
+                    f"MaMe expected self-attention over the recorded {recorded} token grid, got {tokens} "
+                    "tokens; this module does not run inside a Transformer2DModel as apply_mame assumed"
+                )
+            hw = recorded
+        top = grid.top_downsample or grid.downsample(hw)
+        return hw if grid.downsample(hw) <= top * self.config.max_downsample else None
+
+    def _bare_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
+        if hw is None:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(
+                    f"MaMeProcessor cannot tell the token grid of {tokens} tokens (not a square). "
+                    "Use mame_diffusers.apply_mame(pipe_or_unet, ...) instead of set_attn_processor: "
+                    "it records the exact grid of every block"
+                )
+            if not self._warned_square_guess:
+                self._warned_square_guess = True
+                warnings.warn(
+                    "MaMeProcessor was set with set_attn_processor, so it assumes square token grids; "
+                    "use mame_diffusers.apply_mame for non-square images",
+                    stacklevel=3,
+                )
+            hw = (side, side)
+        self._largest_tokens = max(self._largest_tokens, tokens)
+        level = _nearest_power_of_two(math.sqrt(self._largest_tokens / tokens))
+        return hw if level <= self.config.max_downsample else None
+
+    # -- the merged path --------------------------------------------------------------------
+
+    def _merged_attention(
+        self, attn: Attention, hidden_states: torch.Tensor, hw: tuple[int, int], temb: torch.Tensor | None
+    ) -> torch.Tensor:
+        # The same steps as diffusers' AttnProcessor2_0, with MaMe after the input norms and
+        # MaRe before the residual add.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        config = self.config
+        query_plan = config.plan(hidden_states, hw, config.query_ratio) if config.query_ratio > 0 else None
+        if config.query_share == 1.0 and query_plan is not None:
+            context_plan = query_plan
+        else:
+            context_plan = config.plan(hidden_states, hw, config.kv_ratio)
+        queries = query_plan.merge(hidden_states) if query_plan is not None else hidden_states
+        context = queries if context_plan is query_plan else context_plan.merge(hidden_states)
+
+        query = attn.to_q(queries)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        key_bias = self._key_bias(context_plan.sizes, query.dtype)
+        # SDPA accumulates in float32 already, so, like AttnProcessor2_0, nothing more is
+        # needed for attn.upcast_attention.
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        # Rows of the assignment sum to one, so restoring after the output projection
+        # (bias included) equals restoring before it, on C channels instead of heads*dim.
+        if query_plan is not None:
+            out = query_plan.restore(out)
+
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _key_bias(self, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, 1, 1, M)`` additive bias: log-size (proportional attention), or only the
+        mask of empty slots when proportional attention is off."""
+        bias = proportional_attention_bias(sizes, dtype)
+        if not self.config.proportional_attention:
+            bias = torch.where(sizes > 0, torch.zeros_like(bias), bias)
+        return bias[:, None, None, :]
+
+
+def _accepted_keywords(processor: Callable[..., Any]) -> set[str] | None:
+    """Keyword names the processor takes; ``None`` when it takes any (``**kwargs``)."""
+    try:
+        params = inspect.signature(processor.__call__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+# -- apply / remove ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Patch:
+    """What apply_mame changed on one UNet, so that remove_mame can undo exactly that."""
+
+    config: MaMeConfig
+    grid: _GridTracker
+    hooks: list = field(default_factory=list)
+    #: attention module -> (the processor it had, the MaMe processor put in its place)
+    processors: dict = field(default_factory=dict)
+
+
+_PATCH_ATTRIBUTE = "_mame_patch"
+
+
+def patched_config(model: torch.nn.Module) -> MaMeConfig | None:
+    """The MaMe settings applied to ``model``, or ``None`` when it is not patched."""
+    patch = getattr(model, _PATCH_ATTRIBUTE, None)
+    return patch.config if patch is not None else None
+
+
+def self_attention_modules(model: torch.nn.Module) -> list[tuple[str, Transformer2DModel, Attention]]:
+    """``(name, parent transformer, attention)`` for every self-attention MaMe can patch."""
+    found = []
+    for name, transformer in model.named_modules():
+        if not isinstance(transformer, Transformer2DModel):
+            continue
+        for sub_name, module in transformer.named_modules():
+            if isinstance(module, Attention) and sub_name.endswith("attn1") and not module.is_cross_attention:
+                found.append((f"{name}.{sub_name}", transformer, module))
+    return found
+
+
+def apply_mame_to_unet(unet: torch.nn.Module, config: MaMeConfig) -> torch.nn.Module:
+    """Install MaMe on every self-attention of ``unet`` (re-applying replaces old settings)."""
+    if getattr(unet, _PATCH_ATTRIBUTE, None) is not None:
+        remove_mame_from_unet(unet)
+    targets = self_attention_modules(unet)
+    if not targets:
+        raise ValueError(
+            f"{type(unet).__name__} has no self-attention inside a Transformer2DModel for MaMe to patch; "
+            "supported: diffusers UNet2DConditionModel (SD 1.x, SD 2.x, SDXL) and models built from "
+            "Transformer2DModel blocks"
+        )
+    grid = _GridTracker()
+    patch = _Patch(config=config, grid=grid)
+    patch.hooks.append(unet.register_forward_pre_hook(grid.on_unet, with_kwargs=True))
+    for transformer in {id(t): t for _, t, _ in targets}.values():
+        patch.hooks.append(transformer.register_forward_pre_hook(grid.on_transformer, with_kwargs=True))
+    for _, _, attention in targets:
+        processor = MaMeProcessor(config=config, fallback=attention.processor)
+        processor._grid = grid
+        patch.processors[attention] = (attention.processor, processor)
+        attention.set_processor(processor)
+    setattr(unet, _PATCH_ATTRIBUTE, patch)
+    return unet
+
+
+def remove_mame_from_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`apply_mame_to_unet`: the original processors come back, hooks go away."""
+    patch = getattr(unet, _PATCH_ATTRIBUTE, None)
+    if patch is None:
+        return unet
+    for hook in patch.hooks:
+        hook.remove()
+    for attention, (original, ours) in patch.processors.items():
+        # A processor the user set after apply_mame is theirs to keep.
+        if attention.processor is ours:
+            attention.set_processor(original)
+    delattr(unet, _PATCH_ATTRIBUTE)
+    return unet

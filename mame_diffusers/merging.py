@@ -1,0 +1,574 @@
+"""MaMe and MaRe: matrix-based token merging and restoration.
+
+This module is the operator and nothing else: pure tensor math on ``(B, N, C)`` token
+tensors laid out row-major on an ``H x W`` grid. It imports neither diffusers nor
+transformers.
+
+The formulation (see ``DESIGN.md`` of the project and arXiv 2604.13432):
+
+1. **Anchors.** The grid is cut into blocks; each block holds a fixed ``kh x kw`` grid of
+   anchor cells. A cell's anchor is its middle token (or a random token, or the mean of
+   its tokens), and every token has an *own* anchor: that of the cell it lies in.
+2. **Similarity.** Cosine similarity between each token and the anchors it may join:
+   those of its own block and ``halo`` cells beyond it on every side
+   (``block=None`` makes one block of the whole grid: global merging).
+3. **Assignment.** A token joins its most similar anchor when that similarity is at
+   least ``tau``; otherwise it stays with its own anchor. Built by comparison, never by
+   ``one_hot``/``scatter``. A soft mode uses ``softmax(similarity / temperature)``.
+4. **Merge (MaMe).** ``Y = diag(n)^-1 A^T X`` with sizes ``n = A^T 1``.
+5. **Restore (MaRe).** ``X_hat = A @ O``: every token receives its slot's output.
+
+Every step is a matrix product, a comparison, a reduction, padding or a reshape, so all
+shapes follow from ``(N, H, W, ratio)`` alone and the whole path compiles into a single
+graph. The merged length ``M`` never depends on the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ANCHORS",
+    "DEFAULT_ANCHOR",
+    "DEFAULT_BLOCK",
+    "DEFAULT_HALO",
+    "DEFAULT_TAU",
+    "MergeLayout",
+    "MergePlan",
+    "check_merge_settings",
+    "merge_layout",
+    "plan_merge",
+    "proportional_attention_bias",
+]
+
+#: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
+DEFAULT_TAU = 0.0
+#: What each cell offers to merge into (see :func:`plan_merge`).
+ANCHORS = ("strided", "random", "pooled")
+DEFAULT_ANCHOR = "strided"
+#: Side of the token blocks in which anchors are placed (``None``: the whole grid).
+DEFAULT_BLOCK = 8
+#: How many anchor cells beyond its block (on every side) a token may merge into.
+DEFAULT_HALO = 2
+
+# Similarity given to candidates that do not exist (outside the grid, or empty anchors):
+# below any cosine, so never the best match and never above ``tau``.
+_INVALID_SIMILARITY = -2.0
+
+
+def _check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio is the fraction of tokens removed and must lie in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+def _check_tau(tau: float) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"tau must be a number in [-1, 1], got {tau!r}")
+    if not -1.0 <= tau <= 1.0:
+        raise ValueError(f"tau is a cosine-similarity threshold and must lie in [-1, 1], got {tau}")
+    return float(tau)
+
+
+def check_merge_settings(
+    *,
+    ratio: float,
+    tau: float,
+    block: int | None,
+    halo: int,
+    anchor: str = "strided",
+    temperature: float | None = None,
+    straight_through: bool = False,
+) -> float:
+    """Validate merge settings up front, with messages that say what is allowed.
+
+    Returns ``tau`` as a float. Raises ``ValueError`` for anything out of range.
+    """
+    _check_ratio(ratio)
+    tau = _check_tau(tau)
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be a positive int or None (global merging), got {block!r}")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo must be a non-negative int, got {halo!r}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"temperature must be a positive number or None (hard assignment), got {temperature!r}")
+    if straight_through and temperature is None:
+        raise ValueError("straight_through needs a temperature (it is a soft-assignment mode)")
+    return tau
+
+
+def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
+    """The ``kh x kw`` anchor grid with the most anchors ``<= budget`` inside ``rows x cols``.
+
+    Among grids with equally many anchors, the one whose shape is closest to the block's
+    shape wins, so that anchor cells are as square as possible.
+    """
+    best: tuple[int, float, int, int] | None = None
+    for kh in range(1, rows + 1):
+        kw = min(cols, budget // kh)
+        if kw < 1:
+            break
+        skew = abs(math.log((rows / kh) / (cols / kw)))
+        key = (kh * kw, -skew)
+        if best is None or key > best[:2]:
+            best = (kh * kw, -skew, kh, kw)
+    assert best is not None
+    return best[2], best[3]
+
+
+@dataclass(frozen=True)
+class MergeLayout:
+    """Static geometry of a merge; every field follows from shapes and settings alone.
+
+    The token grid (``height x width``) is padded to ``blocks_h x blocks_w`` blocks of
+    ``block_h x block_w`` tokens; each block holds ``anchors_h x anchors_w`` anchor cells.
+    The merged tokens form the ``merged_hw`` grid, row-major, so a merged tensor can itself
+    be merged again.
+    """
+
+    height: int
+    width: int
+    block_h: int
+    block_w: int
+    blocks_h: int
+    blocks_w: int
+    anchors_h: int
+    anchors_w: int
+    halo_h: int
+    halo_w: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def merged_hw(self) -> tuple[int, int]:
+        return self.blocks_h * self.anchors_h, self.blocks_w * self.anchors_w
+
+    @property
+    def num_merged(self) -> int:
+        return self.merged_hw[0] * self.merged_hw[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks_h * self.blocks_w
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.block_h * self.block_w
+
+    @property
+    def anchors_per_block(self) -> int:
+        return self.anchors_h * self.anchors_w
+
+    @property
+    def window_h(self) -> int:
+        """Rows of anchor cells a block's tokens may join: its own plus the halo."""
+        return self.anchors_h + 2 * self.halo_h
+
+    @property
+    def window_w(self) -> int:
+        return self.anchors_w + 2 * self.halo_w
+
+    @property
+    def num_candidates(self) -> int:
+        return self.window_h * self.window_w
+
+    # -- static matrices -------------------------------------------------------------------
+
+    def own_anchor_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(T, kh*kw)`` 0/1 matrix: which anchor cell of its block each token lies in."""
+        row, col = self._own_cell(device)
+        cell = row * self.anchors_w + col
+        anchors = torch.arange(self.anchors_per_block, device=device)
+        return (cell[:, None] == anchors[None, :]).to(dtype)
+
+    def own_candidate_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(T, K)`` 0/1 matrix: the column of each token's own anchor among its candidates."""
+        row, col = self._own_cell(device)
+        cell = (row + self.halo_h) * self.window_w + col + self.halo_w
+        candidates = torch.arange(self.num_candidates, device=device)
+        return (cell[:, None] == candidates[None, :]).to(dtype)
+
+    def _own_cell(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        token = torch.arange(self.tokens_per_block, device=device)
+        row = torch.div(token, self.block_w, rounding_mode="floor")
+        col = token - row * self.block_w
+        return (
+            torch.div(row * self.anchors_h, self.block_h, rounding_mode="floor"),
+            torch.div(col * self.anchors_w, self.block_w, rounding_mode="floor"),
+        )
+
+    # -- reshaping between token order, blocks and the merged grid ---------------------------
+
+    def to_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` in row-major grid order -> ``(B, blocks, T, C)``, zero-padded."""
+        batch, _, channels = tokens.shape
+        grid = tokens.reshape(batch, self.height, self.width, channels)
+        pad_h = self.blocks_h * self.block_h - self.height
+        pad_w = self.blocks_w * self.block_w - self.width
+        if pad_h or pad_w:
+            grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
+        grid = grid.reshape(batch, self.blocks_h, self.block_h, self.blocks_w, self.block_w, channels)
+        return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, self.num_blocks, self.tokens_per_block, channels)
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_blocks`: ``(B, blocks, T, C)`` -> ``(B, N, C)``, padding dropped."""
+        batch, channels = blocks.shape[0], blocks.shape[-1]
+        grid = blocks.reshape(batch, self.blocks_h, self.blocks_w, self.block_h, self.block_w, channels)
+        grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(
+            batch, self.blocks_h * self.block_h, self.blocks_w * self.block_w, channels
+        )
+        grid = grid[:, : self.height, : self.width]
+        return grid.reshape(batch, self.num_tokens, channels)
+
+    def merged_to_blocks(self, merged: torch.Tensor) -> torch.Tensor:
+        """``(B, M, C)`` merged grid -> ``(B, blocks_h, blocks_w, kh, kw, C)``."""
+        batch, channels = merged.shape[0], merged.shape[-1]
+        grid = merged.reshape(batch, self.blocks_h, self.anchors_h, self.blocks_w, self.anchors_w, channels)
+        return grid.permute(0, 1, 3, 2, 4, 5)
+
+    def merged_from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_to_blocks`."""
+        batch, channels = blocks.shape[0], blocks.shape[-1]
+        return blocks.permute(0, 1, 3, 2, 4, 5).reshape(batch, self.num_merged, channels)
+
+    def gather_windows(self, anchor_blocks: torch.Tensor) -> torch.Tensor:
+        """``(B, bh, bw, kh, kw, C)`` anchors -> ``(B, blocks, K, C)`` candidates of each block.
+
+        A block's candidates are the anchors of a ``window_h x window_w`` window centred
+        on it, row-major; outside the grid they are zeros. Padding, slicing and
+        concatenation only.
+        """
+        batch, channels = anchor_blocks.shape[0], anchor_blocks.shape[-1]
+        windows = _grow_windows(anchor_blocks, self.halo_h, axis=3)
+        windows = _grow_windows(windows, self.halo_w, axis=4)
+        return windows.reshape(batch, self.num_blocks, self.num_candidates, channels)
+
+    def scatter_windows(self, window_sums: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`gather_windows`: ``(B, blocks, K, C)`` -> ``(B, bh, bw, kh, kw, C)``.
+
+        Sums what every window sent to each anchor: an overlap-add over shifted slices, not
+        an index scatter. What falls outside the grid is dropped (always zero, since those
+        candidates are invalid).
+        """
+        batch, channels = window_sums.shape[0], window_sums.shape[-1]
+        windows = window_sums.reshape(
+            batch, self.blocks_h, self.blocks_w, self.window_h, self.window_w, channels
+        )
+        anchors = _shrink_windows(windows, self.halo_w, axis=4)
+        return _shrink_windows(anchors, self.halo_h, axis=3)
+
+
+def _grow_windows(blocks: torch.Tensor, halo: int, axis: int) -> torch.Tensor:
+    """Extend every block along ``axis`` (3: rows, 4: columns of anchor cells) by ``halo``
+    cells taken from the neighbouring blocks (zeros beyond the grid)."""
+    if halo == 0:
+        return blocks
+    block_axis = axis - 2
+    count, size = blocks.shape[block_axis], blocks.shape[axis]
+    # Block i gets the last cells of block i-1 before it and the first of block i+1 after.
+    before = blocks.narrow(axis, size - halo, halo).narrow(block_axis, 0, count - 1)
+    after = blocks.narrow(axis, 0, halo).narrow(block_axis, 1, count - 1)
+    before = F.pad(before, _pad_spec(blocks.ndim, block_axis, 1, 0))
+    after = F.pad(after, _pad_spec(blocks.ndim, block_axis, 0, 1))
+    return torch.cat([before, blocks, after], dim=axis)
+
+
+def _shrink_windows(windows: torch.Tensor, halo: int, axis: int) -> torch.Tensor:
+    """Adjoint of :func:`_grow_windows`: add each window's halo back onto the neighbours."""
+    if halo == 0:
+        return windows
+    block_axis = axis - 2
+    count = windows.shape[block_axis]
+    size = windows.shape[axis] - 2 * halo
+    total = windows.narrow(axis, halo, size).clone()
+    # What block i+1 saw before itself belongs to the last cells of block i, and what
+    # block i-1 saw after itself to the first cells of block i: in-place adds on slices.
+    before = windows.narrow(axis, 0, halo).narrow(block_axis, 1, count - 1)
+    after = windows.narrow(axis, halo + size, halo).narrow(block_axis, 0, count - 1)
+    total.narrow(block_axis, 0, count - 1).narrow(axis, size - halo, halo).add_(before)
+    total.narrow(block_axis, 1, count - 1).narrow(axis, 0, halo).add_(after)
+    return total
+
+
+def _pad_spec(ndim: int, axis: int, before: int, after: int | None = None) -> tuple[int, ...]:
+    """``F.pad`` argument that pads only ``axis`` of an ``ndim`` tensor."""
+    after = before if after is None else after
+    spec = [0, 0] * (ndim - axis)
+    spec[-2], spec[-1] = before, after
+    return tuple(spec)
+
+
+def merge_layout(
+    hw: tuple[int, int],
+    ratio: float,
+    *,
+    block: int | None = DEFAULT_BLOCK,
+    halo: int = DEFAULT_HALO,
+) -> MergeLayout:
+    """The static geometry for merging an ``H x W`` grid by ``ratio``.
+
+    ``M = layout.num_merged`` satisfies ``1 <= M <= round(N * (1 - ratio))`` and depends on
+    ``(H, W, ratio, block, halo)`` only.
+    """
+    if len(hw) != 2:
+        raise ValueError(f"hw must be a (height, width) pair, got {hw!r}")
+    height, width = (int(v) for v in hw)
+    if height < 1 or width < 1:
+        raise ValueError(f"the token grid must be at least 1x1, got {height}x{width}")
+    check_merge_settings(ratio=ratio, tau=0.0, block=block, halo=halo)
+    num_tokens = height * width
+    budget = max(1, round(num_tokens * (1.0 - ratio)))
+    if budget >= num_tokens:
+        # Nothing to merge: every token is its own one-token block.
+        return MergeLayout(height, width, 1, 1, height, width, 1, 1, 0, 0)
+
+    while block is not None:
+        blocks_h, blocks_w = math.ceil(height / block), math.ceil(width / block)
+        # Equal blocks that cover the grid with the least padding.
+        block_h, block_w = math.ceil(height / blocks_h), math.ceil(width / blocks_w)
+        per_block = budget // (blocks_h * blocks_w)
+        if per_block >= 1:
+            anchors_h, anchors_w = _fit_anchor_grid(per_block, block_h, block_w)
+            # A halo reaches at most one block over, and only where there is one.
+            halo_h = min(halo, anchors_h) if blocks_h > 1 else 0
+            halo_w = min(halo, anchors_w) if blocks_w > 1 else 0
+            return MergeLayout(
+                height, width, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, halo_h, halo_w
+            )
+        # Too few anchors for one per block: use larger blocks.
+        block = None if block >= max(height, width) else 2 * block
+
+    anchors_h, anchors_w = _fit_anchor_grid(budget, height, width)
+    return MergeLayout(height, width, height, width, 1, 1, anchors_h, anchors_w, 0, 0)
+
+
+@dataclass
+class MergePlan:
+    """How one set of tokens merges and restores.
+
+    Build it with :func:`plan_merge`. ``merge`` and ``restore`` apply to any tensor laid
+    out like the tokens the plan was made from (hidden states, or queries, keys and values
+    separately), with any number of channels.
+    """
+
+    layout: MergeLayout
+    #: ``(B, blocks, T, K)``: how much of each token goes to each candidate anchor
+    #: (one-hot rows in hard mode, row-stochastic in soft mode). Restoring uses it as is.
+    assignment: torch.Tensor
+    #: ``assignment`` scaled by each token's weight (its size; 0 for grid padding):
+    #: merging uses it.
+    merge_weights: torch.Tensor
+    #: ``(B, M)``: how many tokens each merged slot stands for; 0 for an empty slot.
+    sizes: torch.Tensor
+    # The planned tokens in block layout, so that merging them again skips one reshuffle.
+    _source: torch.Tensor | None = field(default=None, repr=False)
+    _source_blocks: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_merged(self) -> int:
+        return self.layout.num_merged
+
+    @property
+    def merged_hw(self) -> tuple[int, int]:
+        """The grid the merged tokens lie on, row-major."""
+        return self.layout.merged_hw
+
+    def merge(self, tokens: torch.Tensor) -> torch.Tensor:
+        """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, the size-weighted mean of each slot."""
+        self._check(tokens, self.layout.num_tokens, "merge")
+        if tokens is self._source and self._source_blocks is not None:
+            blocks = self._source_blocks
+        else:
+            blocks = self.layout.to_blocks(tokens)
+        sums = self.merge_weights.to(tokens.dtype).transpose(-1, -2) @ blocks
+        merged = self.layout.merged_from_blocks(self.layout.scatter_windows(sums))
+        # Empty slots have zero sums: dividing by a clamped size keeps them at zero, not NaN.
+        divisor = self.sizes.clamp_min(torch.finfo(self.sizes.dtype).tiny)
+        return merged / divisor[..., None].to(tokens.dtype)
+
+    def restore(self, merged: torch.Tensor) -> torch.Tensor:
+        """MaRe: ``(B, M, C')`` -> ``(B, N, C')``; every token receives its slot's value."""
+        self._check(merged, self.layout.num_merged, "restore")
+        candidates = self.layout.gather_windows(self.layout.merged_to_blocks(merged))
+        return self.layout.from_blocks(self.assignment.to(merged.dtype) @ candidates)
+
+    def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
+        expected = (self.assignment.shape[0], length)
+        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
+            raise ValueError(
+                f"{what} expects a (batch, tokens, channels) tensor with batch and tokens "
+                f"{expected}, got shape {tuple(tensor.shape)}"
+            )
+
+
+def plan_merge(
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    *,
+    ratio: float,
+    tau: float = DEFAULT_TAU,
+    block: int | None = DEFAULT_BLOCK,
+    halo: int = DEFAULT_HALO,
+    anchor: str = DEFAULT_ANCHOR,
+    temperature: float | None = None,
+    straight_through: bool = False,
+    sizes: torch.Tensor | None = None,
+) -> MergePlan:
+    """Plan how the tokens ``x`` of shape ``(B, N, C)`` on an ``hw = (H, W)`` grid merge.
+
+    Args:
+        x: tokens, row-major on the grid (``N == H * W``).
+        hw: the token grid.
+        ratio: fraction of tokens removed, in ``[0, 1)`` (tomesd's convention);
+            the merged length is ``M <= round(N * (1 - ratio))``.
+        tau: cosine-similarity threshold in ``[-1, 1]``. A token leaves its own cell only
+            for an anchor at least this similar: ``1`` is plain pool/unpool, ``-1`` always
+            takes the best match in reach.
+        block: side of the blocks in which anchors are placed; ``None`` merges globally
+            (dense, slower on CPUs).
+        halo: how many anchor cells beyond its own block, on every side, a token may
+            join (``0``: its own block only).
+        anchor: what a cell offers to merge into: ``"strided"`` its middle token,
+            ``"random"`` a random token (drawn anew each call), ``"pooled"`` the mean of its
+            tokens.
+        temperature: ``None`` for hard assignment; a positive number for the soft,
+            differentiable assignment ``softmax(similarity / temperature)`` over the
+            anchors that pass ``tau``.
+        straight_through: with ``temperature``, use the hard assignment in the forward pass
+            and the soft one's gradient.
+        sizes: optional ``(B, N)`` weights of the tokens (how many original tokens each
+            already stands for; 0 marks a slot to ignore), for merging merged tokens again.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, tokens, channels), got {tuple(x.shape)}")
+    tau = check_merge_settings(
+        ratio=ratio,
+        tau=tau,
+        block=block,
+        halo=halo,
+        anchor=anchor,
+        temperature=temperature,
+        straight_through=straight_through,
+    )
+    layout = merge_layout(hw, ratio, block=block, halo=halo)
+    batch, num_tokens, _ = x.shape
+    if num_tokens != layout.num_tokens:
+        raise ValueError(
+            f"the grid {layout.height}x{layout.width} holds {layout.num_tokens} tokens, "
+            f"but x has {num_tokens}"
+        )
+    if sizes is not None and tuple(sizes.shape) != (batch, num_tokens):
+        raise ValueError(f"sizes must have shape {(batch, num_tokens)}, got {tuple(sizes.shape)}")
+
+    dtype, device = x.dtype, x.device
+    ones = x.new_ones(batch, num_tokens, 1) if sizes is None else sizes[..., None].to(dtype)
+    token_weights = layout.to_blocks(ones)[..., 0]
+    token_blocks = layout.to_blocks(x)
+    own = layout.own_anchor_matrix(device, dtype)
+    own_candidate = layout.own_candidate_matrix(device, dtype)
+
+    # Anchors: one token per cell, or the cell's size-weighted sum; only their direction
+    # matters for cosine, so they are normalised (small: M x C) before being spread to the
+    # candidate windows.
+    weighted = token_blocks if sizes is None else token_blocks * token_weights[..., None]
+    padded = layout.num_blocks * layout.tokens_per_block != num_tokens
+    present = (token_weights > 0)[..., None].to(dtype) if sizes is not None or padded else None
+    pick = _anchor_picker(own, anchor, present)
+    anchor_sums = pick.transpose(-1, -2) @ (weighted if anchor == "pooled" else token_blocks)
+    anchor_counts = token_weights @ own
+    grid_shape = (batch, layout.blocks_h, layout.blocks_w, layout.anchors_h, layout.anchors_w)
+    anchors = F.normalize(anchor_sums, dim=-1).reshape(*grid_shape, -1)
+    candidates = layout.gather_windows(anchors)
+    candidate_counts = layout.gather_windows(anchor_counts.reshape(*grid_shape, 1))[..., 0]
+
+    # Cosine similarity; dividing the (T x K) products by token norms is cheaper than
+    # normalising the (T x C) tokens.
+    token_norms = torch.linalg.vector_norm(token_blocks, dim=-1, keepdim=True)
+    similarity = (token_blocks @ candidates.transpose(-1, -2)) / token_norms.clamp_min(1e-6)
+    valid = (candidate_counts > 0)[..., None, :]
+    similarity = torch.where(valid, similarity, torch.full_like(similarity, _INVALID_SIMILARITY))
+
+    hard = _hard_assignment(similarity, own_candidate, tau)
+    if temperature is None:
+        assignment = hard
+    else:
+        allowed = ((similarity >= tau) & (tau < 1.0)) | (own_candidate > 0)
+        logits = torch.where(allowed, similarity / temperature, torch.full_like(similarity, -math.inf))
+        soft = torch.softmax(logits.float(), dim=-1).to(dtype)
+        assignment = hard + (soft - soft.detach()) if straight_through else soft
+
+    merge_weights = assignment * token_weights[..., None]
+    block_sizes = merge_weights.sum(dim=-2)
+    merged_sizes = layout.merged_from_blocks(layout.scatter_windows(block_sizes[..., None]))[..., 0]
+    return MergePlan(
+        layout=layout,
+        assignment=assignment,
+        merge_weights=merge_weights,
+        sizes=merged_sizes,
+        _source=x,
+        _source_blocks=token_blocks,
+    )
+
+
+def _anchor_picker(own: torch.Tensor, anchor: str, present: torch.Tensor | None) -> torch.Tensor:
+    """Matrix whose columns pick (or pool) each cell's anchor from the cell's tokens.
+
+    ``own`` is the static ``(T, kh*kw)`` cell membership; ``present`` (``(B, blocks, T, 1)``,
+    optional) marks tokens with non-zero weight, so that grid padding and empty slots are
+    never picked. ``"strided"`` picks the middle present token of each cell, ``"random"``
+    a random one drawn anew each call (as tomesd's destinations), ``"pooled"`` takes them
+    all. Picking compares a rank (a cumulative count) with a target: no index ops.
+    """
+    members = own if present is None else own * present
+    if anchor == "pooled":
+        return members
+    rank = members.cumsum(dim=-2) * members  # 1..n inside each cell, 0 elsewhere
+    count = members.sum(dim=-2, keepdim=True)
+    if anchor == "strided":
+        target = torch.div(count + 1, 2, rounding_mode="floor")
+    else:  # "random"
+        target = torch.floor(torch.rand_like(count) * count) + 1
+    return (rank == target).to(own.dtype)
+
+
+def _hard_assignment(similarity: torch.Tensor, own_candidate: torch.Tensor, tau: float) -> torch.Tensor:
+    """One-hot rows by comparison: the best anchor if it reaches ``tau``, else the own one.
+
+    Ties go to the own anchor, then to the first candidate in order. ``tau = 1`` keeps
+    every token in its own cell, even next to an identical anchor (plain pool/unpool).
+    """
+    best = similarity.amax(dim=-1, keepdim=True)
+    own_similarity = (similarity * own_candidate).sum(dim=-1, keepdim=True)
+    stay = (own_similarity >= best) | (best < tau) | (tau >= 1.0)
+    is_best = similarity >= best
+    first_best = is_best & (is_best.cumsum(dim=-1) == 1)
+    return torch.where(stay, own_candidate, first_best.to(similarity.dtype))
+
+
+def proportional_attention_bias(sizes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Additive key bias ``log(size)`` for proportional attention.
+
+    A slot that stands for ``k`` tokens then weighs like ``k`` tokens in the softmax. Empty
+    slots (size 0) get a large negative, finite bias: no weight, and never NaN (a fully
+    ``-inf`` row would make the softmax NaN). Returns a tensor shaped like ``sizes``.
+    """
+    dtype = dtype or sizes.dtype
+    floor = torch.finfo(dtype).min / 2
+    safe = sizes.clamp_min(torch.finfo(sizes.dtype).tiny)
+    bias = torch.where(sizes > 0, safe.log(), torch.full_like(safe, floor))
+    return bias.to(dtype)

@@ -1,0 +1,331 @@
+"""The diffusers processor and apply/remove, on tiny random UNets built from configs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from mame_diffusers import MaMeConfig, MaMeProcessor, apply_mame, plan_merge, proportional_attention_bias, remove_mame
+from mame_diffusers.diffusers_integration import patched_config, self_attention_modules
+from mame_diffusers.offline import build_unet, unet_inputs
+
+from .banned_ops import assert_no_banned_ops
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    return build_unet("tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_unet():
+    return build_unet("tiny-sdxl", seed=0)
+
+
+def run(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def merged_calls(unet) -> dict[str, int]:
+    """Count, per self-attention module, the calls that took the merged path."""
+    counts: dict[str, int] = {}
+    for name, _, attention in self_attention_modules(unet):
+        processor = attention.processor
+        original = processor._merged_attention
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        processor._merged_attention = counting
+    return counts
+
+
+# -- exactness where nothing should change -------------------------------------------------
+
+
+def test_ratio_zero_is_bit_identical_to_the_stock_unet(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    reference = run(tiny_unet, inputs)
+    apply_mame(tiny_unet, ratio=0.0)
+    try:
+        assert torch.equal(run(tiny_unet, inputs), reference)
+    finally:
+        remove_mame(tiny_unet)
+
+
+def test_remove_restores_processors_hooks_and_bit_identical_outputs(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    before = dict(tiny_unet.attn_processors)
+    reference = run(tiny_unet, inputs)
+    apply_mame(tiny_unet, ratio=0.5)
+    assert patched_config(tiny_unet).ratio == 0.5
+    assert not torch.equal(run(tiny_unet, inputs), reference)
+    remove_mame(tiny_unet)
+    after = tiny_unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert all(not m._forward_pre_hooks for m in tiny_unet.modules())
+    assert patched_config(tiny_unet) is None and not hasattr(tiny_unet, "_mame_patch")
+    assert torch.equal(run(tiny_unet, inputs), reference)
+    remove_mame(tiny_unet)  # removing twice is harmless
+
+
+def test_applying_again_replaces_the_settings(tiny_unet):
+    apply_mame(tiny_unet, ratio=0.5)
+    apply_mame(tiny_unet, ratio=0.75, tau=0.3)
+    try:
+        assert patched_config(tiny_unet) == MaMeConfig(ratio=0.75, tau=0.3)
+        hooks = sum(len(m._forward_pre_hooks) for m in tiny_unet.modules())
+        assert hooks == 1 + len({id(t) for _, t, _ in self_attention_modules(tiny_unet)})
+        assert all(isinstance(a.processor.fallback, AttnProcessor2_0) for _, _, a in self_attention_modules(tiny_unet))
+    finally:
+        remove_mame(tiny_unet)
+
+
+def test_a_processor_set_after_apply_is_kept_by_remove(tiny_unet):
+    apply_mame(tiny_unet, ratio=0.5)
+    name, _, attention = self_attention_modules(tiny_unet)[0]
+    mine = AttnProcessor()
+    attention.set_processor(mine)
+    remove_mame(tiny_unet)
+    assert attention.processor is mine
+    attention.set_processor(AttnProcessor2_0())
+
+
+def test_cross_attention_runs_the_stock_processor_exactly():
+    torch.manual_seed(0)
+    attention = Attention(32, cross_attention_dim=24, heads=4, dim_head=8).eval()
+    hidden, context = torch.randn(2, 64, 32), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attention, hidden, encoder_hidden_states=context)
+        got = MaMeProcessor(ratio=0.75)(attention, hidden, encoder_hidden_states=context)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("max_downsample,merging_levels", [(1, {16}), (2, {16, 8})])
+def test_only_levels_within_max_downsample_merge(tiny_unet, max_downsample, merging_levels):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    apply_mame(tiny_unet, ratio=0.5, max_downsample=max_downsample)
+    try:
+        counts = merged_calls(tiny_unet)
+        grids = {}
+        for name, transformer, _ in self_attention_modules(tiny_unet):
+            transformer.register_forward_pre_hook(lambda m, a, _n=name: grids.__setitem__(_n, a[0].shape[-1]))
+        run(tiny_unet, inputs)
+        assert {grids[name] for name in counts} == merging_levels
+        assert all(grids[name] in merging_levels for name in counts)
+        assert {name for name, side in grids.items() if side in merging_levels} == set(counts)
+    finally:
+        remove_mame(tiny_unet)
+        for module in tiny_unet.modules():
+            module._forward_pre_hooks.clear()
+
+
+# -- the merged path computes what it says -------------------------------------------------
+
+
+def manual_merged_attention(attention, hidden, hw, config):
+    """MaMe attention written out from its definition, for an Attention with 4D input."""
+    batch, channels, height, width = hidden.shape
+    residual = hidden
+    tokens = hidden.view(batch, channels, -1).transpose(1, 2)
+    tokens = attention.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+    options = dict(tau=config.tau, block=config.block, halo=config.halo, anchor=config.anchor)
+    query_plan = plan_merge(tokens, hw, ratio=config.query_ratio, **options)
+    context_plan = plan_merge(tokens, hw, ratio=config.kv_ratio, **options)
+    heads = attention.heads
+
+    def split(t):
+        return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    context = context_plan.merge(tokens)
+    out = F.scaled_dot_product_attention(
+        split(attention.to_q(query_plan.merge(tokens))),
+        split(attention.to_k(context)),
+        split(attention.to_v(context)),
+        attn_mask=proportional_attention_bias(context_plan.sizes)[:, None, None, :],
+        scale=attention.scale,
+    )
+    out = attention.to_out[0](out.transpose(1, 2).reshape(batch, -1, channels))
+    out = query_plan.restore(out).transpose(1, 2).reshape(batch, channels, height, width)
+    return (out + residual) / attention.rescale_output_factor
+
+
+@pytest.mark.parametrize("query_share", [0.0, 0.5, 1.0])
+def test_merged_path_matches_a_manual_reference(query_share):
+    torch.manual_seed(0)
+    attention = Attention(
+        32, heads=4, dim_head=8, norm_num_groups=8, residual_connection=True, rescale_output_factor=2.0
+    ).eval()
+    hidden = torch.randn(2, 32, 12, 10)
+    config = MaMeConfig(ratio=0.75, query_share=query_share, tau=0.1)
+    with torch.no_grad():
+        got = MaMeProcessor(config=config)(attention, hidden)
+        expected = manual_merged_attention(attention, hidden, (12, 10), config)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_merge_path_has_no_banned_ops():
+    torch.manual_seed(0)
+    attention = Attention(32, heads=4, dim_head=8).eval()
+    hidden = torch.randn(2, 32, 13, 9, requires_grad=True)
+    processor = MaMeProcessor(ratio=0.75, query_share=0.5)
+    assert_no_banned_ops(lambda: processor(attention, hidden).sum().backward())
+
+
+# -- shapes, batches, dtypes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latent_hw", [(16, 16), (63, 47), (20, 12)])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_any_latent_size_and_batch(tiny_unet, latent_hw, batch):
+    inputs = unet_inputs(tiny_unet, latent_hw, batch=batch)
+    reference = run(tiny_unet, inputs)
+    apply_mame(tiny_unet, ratio=0.75)
+    try:
+        counts = merged_calls(tiny_unet)
+        out = run(tiny_unet, inputs)
+    finally:
+        remove_mame(tiny_unet)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert counts, "nothing merged"
+    relative = (out - reference).norm() / reference.norm()
+    assert 0 < relative < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_dtype_is_input_dtype(dtype):
+    torch.manual_seed(0)
+    attention = Attention(32, heads=4, dim_head=8).to(dtype).eval()
+    hidden = torch.randn(3, 20 * 12, 32).to(dtype)
+    processor = MaMeProcessor(ratio=0.75)
+    processor_grid = hidden.transpose(1, 2).reshape(3, 32, 20, 12)
+    with torch.no_grad():
+        out = processor(attention, processor_grid)
+        reference = AttnProcessor2_0()(attention, processor_grid)
+    assert out.dtype == dtype and out.shape == processor_grid.shape and torch.isfinite(out).all()
+    assert ((out.float() - reference.float()).norm() / reference.float().norm()) < 0.5
+
+
+def test_bf16_unet(tiny_unet):
+    unet = build_unet("tiny-sd", dtype=torch.bfloat16)
+    inputs = unet_inputs(unet, (16, 12))
+    apply_mame(unet, ratio=0.5)
+    out = run(unet, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# -- SDXL ----------------------------------------------------------------------------------
+
+
+def test_sdxl_defaults_merge_at_its_first_attention_level(tiny_sdxl_unet):
+    inputs = unet_inputs(tiny_sdxl_unet, (32, 32))
+    reference = run(tiny_sdxl_unet, inputs)
+    apply_mame(tiny_sdxl_unet)
+    try:
+        counts = merged_calls(tiny_sdxl_unet)
+        out = run(tiny_sdxl_unet, inputs)
+    finally:
+        remove_mame(tiny_sdxl_unet)
+    # SDXL's first attention is at 1/2 of the latent (16x16 here): that level merges.
+    assert counts and all("down_blocks.1" in n or "up_blocks.1" in n for n in counts)
+    assert not torch.equal(out, reference)
+
+
+# -- several models, one process -----------------------------------------------------------
+
+
+def test_two_patched_unets_do_not_interfere():
+    first, second = build_unet("tiny-sd", seed=0), build_unet("tiny-sd", seed=0)
+    inputs = unet_inputs(first, (16, 16))
+    apply_mame(first, ratio=0.5)
+    alone = run(first, inputs)
+    apply_mame(second, ratio=0.75, tau=0.5)
+    other = run(second, inputs)
+    assert torch.equal(run(first, inputs), alone)
+    assert not torch.equal(other, alone)
+    remove_mame(first)
+    assert torch.equal(run(second, inputs), other)
+
+
+# -- bare set_attn_processor ---------------------------------------------------------------
+
+
+def test_bare_processor_assumes_square_grids_and_refuses_others():
+    unet = build_unet("tiny-sd", seed=0)
+    unet.set_attn_processor(MaMeProcessor(ratio=0.5))
+    with pytest.warns(UserWarning, match="apply_mame"):
+        out = run(unet, unet_inputs(unet, (16, 16)))
+    assert torch.isfinite(out).all()
+    unet.set_attn_processor(MaMeProcessor(ratio=0.5))
+    with pytest.raises(ValueError, match="apply_mame"):
+        run(unet, unet_inputs(unet, (16, 12)))
+
+
+def test_bare_processor_matches_apply_on_square_latents():
+    unet = build_unet("tiny-sd", seed=0)
+    inputs = unet_inputs(unet, (16, 16))
+    apply_mame(unet, ratio=0.5, max_downsample=1)
+    applied = run(unet, inputs)
+    remove_mame(unet)
+    unet.set_attn_processor(MaMeProcessor(ratio=0.5, max_downsample=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(run(unet, inputs), applied)
+
+
+# -- torch.compile -------------------------------------------------------------------------
+
+
+def test_compiles_into_one_graph(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    apply_mame(tiny_unet, ratio=0.5, max_downsample=2)
+    try:
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(tiny_unet)(**inputs)
+    finally:
+        remove_mame(tiny_unet)
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": -0.5}, "ratio"),
+        ({"tau": 1.01}, "tau"),
+        ({"max_downsample": 3}, "max_downsample"),
+        ({"query_share": 2.0}, "query_share"),
+        ({"block": -2}, "block"),
+    ],
+)
+def test_bad_settings_raise_before_touching_the_model(tiny_unet, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        apply_mame(tiny_unet, **kwargs)
+    assert patched_config(tiny_unet) is None
+    with pytest.raises(ValueError, match=match):
+        MaMeProcessor(**kwargs)
+
+
+def test_models_without_patchable_attention_are_refused():
+    with pytest.raises(ValueError, match="no self-attention"):
+        apply_mame(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="cannot patch"):
+        apply_mame("stabilityai/stable-diffusion-2-1")
+
+
+def test_attention_masks_on_merged_self_attention_are_refused():
+    attention = Attention(32, heads=4, dim_head=8).eval()
+    hidden = torch.randn(1, 32, 8, 8)
+    with pytest.raises(ValueError, match="attention_mask"):
+        MaMeProcessor(ratio=0.5)(attention, hidden, attention_mask=torch.zeros(1, 1, 64))

@@ -1,0 +1,312 @@
+"""The operator: shapes, exact identities, a loop-based reference, gradients, banned ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mame_diffusers import merge_layout, plan_merge, proportional_attention_bias
+from mame_diffusers.merging import ANCHORS
+
+from .banned_ops import assert_no_banned_ops
+
+
+def piecewise_constant(batch: int, hw: tuple[int, int], patch: tuple[int, int], channels: int, seed: int = 0):
+    """Tokens constant on ``patch``-sized rectangles of the grid, random per rectangle."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = math.ceil(hw[0] / patch[0]), math.ceil(hw[1] / patch[1])
+    values = torch.randn(batch, rows, cols, channels, generator=generator)
+    grid = values.repeat_interleave(patch[0], dim=1).repeat_interleave(patch[1], dim=2)
+    return grid[:, : hw[0], : hw[1]].reshape(batch, hw[0] * hw[1], channels)
+
+
+# -- the static layout ---------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    height=st.integers(1, 70),
+    width=st.integers(1, 70),
+    ratio=st.floats(0.0, 0.99),
+    block=st.sampled_from([None, 2, 4, 8, 16]),
+    halo=st.integers(0, 4),
+)
+def test_merged_length_is_static_and_bounded(height, width, ratio, block, halo):
+    layout = merge_layout((height, width), ratio, block=block, halo=halo)
+    num_tokens = height * width
+    assert 1 <= layout.num_merged <= max(1, round(num_tokens * (1 - ratio)))
+    assert layout.num_merged == layout.merged_hw[0] * layout.merged_hw[1]
+    assert layout.blocks_h * layout.block_h >= height and layout.blocks_w * layout.block_w >= width
+    # Equal blocks with less than one block of padding.
+    assert layout.blocks_h * layout.block_h - height < layout.block_h
+    assert layout.halo_h <= layout.anchors_h and layout.halo_w <= layout.anchors_w
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(2, 40),
+    width=st.integers(2, 40),
+    ratio=st.floats(0.0, 0.95),
+    block=st.sampled_from([None, 4, 8]),
+    halo=st.integers(0, 3),
+    anchor=st.sampled_from(ANCHORS),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_shapes_sizes_and_dtypes(height, width, ratio, block, halo, anchor, dtype):
+    x = torch.randn(3, height * width, 6).to(dtype)
+    plan = plan_merge(x, (height, width), ratio=ratio, block=block, halo=halo, anchor=anchor, tau=-1.0)
+    merged = plan.merge(x)
+    assert merged.shape == (3, plan.num_merged, 6) and merged.dtype == dtype
+    assert plan.sizes.shape == (3, plan.num_merged)
+    # Hard assignment: every token lands in exactly one slot.
+    torch.testing.assert_close(plan.sizes.float().sum(-1), torch.full((3,), float(height * width)))
+    assert (plan.sizes >= 0).all()
+    restored = plan.restore(merged)
+    assert restored.shape == x.shape and restored.dtype == dtype
+    assert torch.isfinite(merged).all() and torch.isfinite(restored).all()
+    # Any channel count merges and restores with the same plan.
+    assert plan.merge(torch.randn(3, height * width, 2).to(dtype)).shape == (3, plan.num_merged, 2)
+
+
+def test_merged_length_follows_ratio_on_a_64_grid():
+    assert merge_layout((64, 64), 0.75).num_merged == 1024
+    assert merge_layout((64, 64), 0.5).num_merged == 2048
+    assert merge_layout((64, 64), 0.75, block=None).merged_hw == (32, 32)
+    assert merge_layout((63, 47), 0.75).num_merged <= round(63 * 47 * 0.25)
+
+
+# -- exact identities ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block,halo", [(8, 2), (4, 1), (None, 0), (16, 0)])
+@pytest.mark.parametrize("anchor", ANCHORS)
+def test_restore_of_merge_is_exact_on_constant_tokens(block, halo, anchor):
+    x = torch.randn(2, 1, 5).expand(2, 24 * 20, 5).contiguous()
+    plan = plan_merge(x, (24, 20), ratio=0.75, block=block, halo=halo, anchor=anchor)
+    torch.testing.assert_close(plan.restore(plan.merge(x)), x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw,ratio", [((16, 16), 0.75), ((32, 24), 0.75), ((16, 16), 0.9375), ((24, 24), 0.5)])
+@pytest.mark.parametrize("tau", [-1.0, 0.0, 0.9, 1.0])
+def test_restore_of_merge_is_exact_on_piecewise_constant_tokens(hw, ratio, tau):
+    # Pieces aligned with the anchor cells: every cell holds a single value.
+    layout = merge_layout(hw, ratio)
+    cell = (layout.block_h // layout.anchors_h, layout.block_w // layout.anchors_w)
+    x = piecewise_constant(2, hw, cell, 7)
+    plan = plan_merge(x, hw, ratio=ratio, tau=tau)
+    torch.testing.assert_close(plan.restore(plan.merge(x)), x, rtol=1e-6, atol=1e-6)
+
+
+def test_ratio_zero_is_the_identity():
+    x = torch.randn(2, 15 * 13, 8)
+    plan = plan_merge(x, (15, 13), ratio=0.0, tau=-1.0)
+    assert plan.num_merged == x.shape[1]
+    torch.testing.assert_close(plan.merge(x), x, rtol=0, atol=0)
+    torch.testing.assert_close(plan.restore(x), x, rtol=0, atol=0)
+    assert (plan.sizes == 1).all()
+
+
+def test_tau_one_is_pool_and_unpool():
+    x = torch.randn(2, 32 * 32, 4)
+    plan = plan_merge(x, (32, 32), ratio=0.75, tau=1.0, block=8)
+    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(2, 4, 32, 32), 2)
+    torch.testing.assert_close(plan.merge(x), pooled.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert (plan.sizes == 4).all()
+    upsampled = torch.nn.functional.interpolate(pooled, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(plan.restore(plan.merge(x)), upsampled.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_similar_tokens_leave_their_cell_below_tau_only():
+    # Two colours in vertical stripes one cell wide, offset by one token: every cell mixes
+    # both colours; with tau=-1 tokens go to the anchor of their own colour.
+    x = torch.zeros(1, 8, 8, 2)
+    x[..., 0] = 1.0
+    x[:, :, 1::4, :] = torch.tensor([0.0, 1.0])
+    x[:, :, 2::4, :] = torch.tensor([0.0, 1.0])
+    x = x.reshape(1, 64, 2)
+    merged_pure = plan_merge(x, (8, 8), ratio=0.75, tau=-1.0, block=None)
+    assert torch.equal(merged_pure.restore(merged_pure.merge(x)), x)
+    kept_in_cells = plan_merge(x, (8, 8), ratio=0.75, tau=1.0, block=None)
+    assert not torch.equal(kept_in_cells.restore(kept_in_cells.merge(x)), x)
+
+
+# -- equivalence to a loop-based reference -------------------------------------------------
+
+
+def reference_assignment(x: torch.Tensor, layout, tau: float) -> torch.Tensor:
+    """Dense ``(B, N, M)`` assignment written with explicit loops, from the definition."""
+    batch, num_tokens, _ = x.shape
+    rows_m, cols_m = layout.merged_hw
+    cell_h, cell_w = layout.block_h / layout.anchors_h, layout.block_w / layout.anchors_w
+
+    def cell_of(i, j):
+        bi, bj = i // layout.block_h, j // layout.block_w
+        return (
+            bi * layout.anchors_h + int((i - bi * layout.block_h) // cell_h),
+            bj * layout.anchors_w + int((j - bj * layout.block_w) // cell_w),
+        )
+
+    members = {}
+    for i in range(layout.height):
+        for j in range(layout.width):
+            members.setdefault(cell_of(i, j), []).append(i * layout.width + j)
+    assignment = torch.zeros(batch, num_tokens, rows_m * cols_m, dtype=x.dtype)
+    for b in range(batch):
+        anchors = {c: x[b, toks[(len(toks) + 1) // 2 - 1]] for c, toks in members.items()}
+        for i in range(layout.height):
+            for j in range(layout.width):
+                own = cell_of(i, j)
+                bi, bj = i // layout.block_h, j // layout.block_w
+                token = x[b, i * layout.width + j]
+                best, best_cell = None, None
+                for r in range(bi * layout.anchors_h - layout.halo_h, (bi + 1) * layout.anchors_h + layout.halo_h):
+                    for c in range(bj * layout.anchors_w - layout.halo_w, (bj + 1) * layout.anchors_w + layout.halo_w):
+                        if (r, c) not in anchors:
+                            continue
+                        sim = torch.nn.functional.cosine_similarity(token, anchors[(r, c)], dim=0, eps=1e-12)
+                        if best is None or sim > best:
+                            best, best_cell = sim, (r, c)
+                own_sim = torch.nn.functional.cosine_similarity(token, anchors[own], dim=0, eps=1e-12)
+                chosen = own if (own_sim >= best or best < tau) else best_cell
+                assignment[b, i * layout.width + j, chosen[0] * cols_m + chosen[1]] = 1.0
+    return assignment
+
+
+@pytest.mark.parametrize(
+    "hw,ratio,block,halo,tau",
+    [((12, 12), 0.75, 4, 1, -1.0), ((10, 14), 0.75, 4, 2, 0.2), ((9, 7), 0.6, 4, 1, -1.0), ((8, 8), 0.75, None, 0, 0.0)],
+)
+def test_matches_loop_reference(hw, ratio, block, halo, tau):
+    x = torch.randn(2, hw[0] * hw[1], 5, dtype=torch.float64)
+    plan = plan_merge(x, hw, ratio=ratio, block=block, halo=halo, tau=tau)
+    dense = reference_assignment(x, plan.layout, tau)
+    sizes = dense.sum(1)
+    torch.testing.assert_close(plan.sizes, sizes)
+    expected_merge = (dense.transpose(1, 2) @ x) / sizes.clamp_min(1e-12)[..., None]
+    torch.testing.assert_close(plan.merge(x), expected_merge)
+    outputs = torch.randn(2, plan.num_merged, 3, dtype=torch.float64)
+    torch.testing.assert_close(plan.restore(outputs), dense @ outputs)
+
+
+# -- sizes, empty slots, weights -----------------------------------------------------------
+
+
+def test_token_weights_make_size_weighted_means_and_empty_slots_stay_finite():
+    x = torch.randn(2, 16 * 16, 4)
+    sizes = torch.randint(0, 4, (2, 256)).float()
+    sizes[:, :64] = 0  # a whole region of empty slots from an earlier merge
+    plan = plan_merge(x, (16, 16), ratio=0.75, sizes=sizes, tau=-1.0)
+    torch.testing.assert_close(plan.sizes.sum(-1), sizes.sum(-1))
+    assert (plan.sizes == 0).any()
+    merged = plan.merge(x)
+    assert torch.isfinite(merged).all()
+    assert (merged[plan.sizes == 0] == 0).all()
+    bias = proportional_attention_bias(plan.sizes)
+    assert torch.isfinite(bias).all()
+    scores = torch.softmax(torch.randn(2, 5, plan.num_merged) + bias[:, None, :], dim=-1)
+    assert torch.isfinite(scores).all()
+    assert (scores[(plan.sizes == 0)[:, None, :].expand_as(scores)] < 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_proportional_bias_is_log_size(dtype):
+    sizes = torch.tensor([[0.0, 1.0, 2.0, 8.0]])
+    bias = proportional_attention_bias(sizes, dtype)
+    assert bias.dtype == dtype
+    torch.testing.assert_close(bias[0, 1:].float(), torch.log(sizes[0, 1:]), rtol=1e-2, atol=1e-3)
+    assert bias[0, 0] < -1e4 and torch.isfinite(bias).all()
+
+
+# -- differentiability ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"temperature": 0.1}, {"temperature": 0.1, "straight_through": True}, {"anchor": "pooled"}]
+)
+def test_gradients_reach_the_tokens(options):
+    x = torch.randn(2, 16 * 16, 6, requires_grad=True)
+    plan = plan_merge(x, (16, 16), ratio=0.75, tau=-1.0, **options)
+    loss = (plan.restore(torch.tanh(plan.merge(x)) * 3) ** 2).sum()
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_soft_assignment_gradient_flows_through_the_assignment():
+    # Detach the merged values: any gradient left comes from the soft assignment itself.
+    x = torch.randn(1, 8 * 8, 4, requires_grad=True)
+    plan = plan_merge(x, (8, 8), ratio=0.75, tau=-1.0, temperature=0.2)
+    plan.restore(plan.merge(x.detach())).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    rows = plan.assignment.sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+def test_straight_through_forward_equals_hard():
+    x = torch.randn(2, 16 * 16, 6)
+    hard = plan_merge(x, (16, 16), ratio=0.75, tau=-1.0)
+    straight = plan_merge(x, (16, 16), ratio=0.75, tau=-1.0, temperature=0.1, straight_through=True)
+    torch.testing.assert_close(straight.merge(x), hard.merge(x))
+
+
+# -- the matrix-only contract --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"block": None, "halo": 0},
+        {"anchor": "random"},
+        {"anchor": "pooled"},
+        {"temperature": 0.1, "straight_through": True},
+    ],
+)
+def test_merge_path_has_no_banned_ops(options):
+    x = torch.randn(2, 21 * 19, 8, requires_grad=True)
+    sizes = torch.rand(2, 21 * 19) * 3
+
+    def merge_and_restore():
+        plan = plan_merge(x, (21, 19), ratio=0.75, sizes=sizes, **options)
+        out = plan.restore(plan.merge(x) * proportional_attention_bias(plan.sizes)[..., None].exp())
+        out.sum().backward()
+
+    assert_no_banned_ops(merge_and_restore)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": -0.1}, "ratio"),
+        ({"ratio": float("nan")}, "ratio"),
+        ({"ratio": 0.5, "tau": 1.5}, "tau"),
+        ({"ratio": 0.5, "tau": -2}, "tau"),
+        ({"ratio": 0.5, "block": 0}, "block"),
+        ({"ratio": 0.5, "halo": -1}, "halo"),
+        ({"ratio": 0.5, "anchor": "median"}, "anchor"),
+        ({"ratio": 0.5, "temperature": 0.0}, "temperature"),
+        ({"ratio": 0.5, "straight_through": True}, "straight_through"),
+    ],
+)
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_merge(torch.randn(1, 16, 4), (4, 4), **kwargs)
+
+
+def test_grid_that_does_not_match_the_tokens_raises():
+    with pytest.raises(ValueError, match="holds 20 tokens"):
+        plan_merge(torch.randn(1, 16, 4), (4, 5), ratio=0.5)
+    with pytest.raises(ValueError, match="sizes"):
+        plan_merge(torch.randn(1, 16, 4), (4, 4), ratio=0.5, sizes=torch.ones(1, 15))
+    plan = plan_merge(torch.randn(1, 16, 4), (4, 4), ratio=0.5)
+    with pytest.raises(ValueError, match="merge expects"):
+        plan.merge(torch.randn(1, 15, 4))
+    with pytest.raises(ValueError, match="restore expects"):
+        plan.restore(torch.randn(2, plan.num_merged, 4))
