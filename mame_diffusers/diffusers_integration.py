@@ -12,6 +12,11 @@ Two ways in:
   ``Transformer2DModel``; ``remove_mame`` undoes all of it.
 * ``unet.set_attn_processor(MaMeProcessor(...))`` works too. A bare processor sees only
   token counts, so it assumes a square grid when the tokens form one and raises otherwise.
+
+Whatever processors are installed when MaMe is applied (attention slicing, IP-Adapter,
+fused QKV) become the fallbacks. Whatever replaces MaMe's processors afterwards is detected
+at the model's next forward and warned about once; applying MaMe again puts it on top.
+:func:`diffusion_models_of` lists what to patch in a pipeline: the UNet and its ControlNets.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.controlnets import MultiControlNetModel, MultiControlNetUnionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .merging import (
@@ -38,12 +44,15 @@ from .merging import (
     proportional_attention_bias,
 )
 
-__all__ = ["DEFAULT_RATIO", "MaMeConfig", "MaMeProcessor", "apply_mame_to_unet", "remove_mame_from_unet"]
+__all__ = ["DEFAULT_MAX_DOWNSAMPLE", "DEFAULT_QUERY_SHARE", "DEFAULT_RATIO", "MaMeConfig", "MaMeProcessor", "apply_mame_to_unet", "diffusion_models_of", "remove_mame_from_unet", "uncompiled"]
 
-#: Fraction of tokens removed in the self-attention that merges (tomesd's convention).
-DEFAULT_RATIO = 0.5
+# Defaults chosen from measurements on the SD 2.1 architecture (docs/ablation.md).
+#: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
+DEFAULT_RATIO = 0.75
 #: Share of the merging, in log terms, that falls on the queries (the rest on keys/values).
-DEFAULT_QUERY_SHARE = 0.5
+DEFAULT_QUERY_SHARE = 0.0
+#: Attention levels that merge, counted from the highest-resolution one with attention.
+DEFAULT_MAX_DOWNSAMPLE = 2
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 
@@ -67,7 +76,7 @@ class MaMeConfig:
 
     ratio: float = DEFAULT_RATIO
     tau: float = DEFAULT_TAU
-    max_downsample: int = 1
+    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE
     query_share: float = DEFAULT_QUERY_SHARE
     block: int | None = DEFAULT_BLOCK
     halo: int = DEFAULT_HALO
@@ -169,7 +178,7 @@ class MaMeProcessor:
         self,
         ratio: float = DEFAULT_RATIO,
         tau: float = DEFAULT_TAU,
-        max_downsample: int = 1,
+        max_downsample: int = DEFAULT_MAX_DOWNSAMPLE,
         *,
         query_share: float = DEFAULT_QUERY_SHARE,
         block: int | None = DEFAULT_BLOCK,
@@ -363,13 +372,38 @@ def _accepted_keywords(processor: Callable[..., Any]) -> set[str] | None:
 
 @dataclass
 class _Patch:
-    """What apply_mame changed on one UNet, so that remove_mame can undo exactly that."""
+    """What apply_mame changed on one model, so that remove_mame can undo exactly that."""
 
     config: MaMeConfig
     grid: _GridTracker
     hooks: list = field(default_factory=list)
     #: attention module -> (the processor it had, the MaMe processor put in its place)
     processors: dict = field(default_factory=dict)
+    #: Set once the "processors were replaced" warning has been given for this patch.
+    warned_replaced: bool = False
+
+    def on_model_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """The model's forward pre-hook: check that MaMe is still installed, then record
+        the latent size for the grid tracker."""
+        if not self.warned_replaced:
+            self._check_processors(module)
+        self.grid.on_unet(module, args, kwargs)
+
+    def _check_processors(self, module: torch.nn.Module) -> None:
+        # One identity test per patched module (a few dozen), no tensor work: cheap, and
+        # under torch.compile it only adds guards, so the graph stays one graph. The warning
+        # (a graph break) is reached only when the processors were actually replaced.
+        replaced = sum(attention.processor is not ours for attention, (_, ours) in self.processors.items())
+        if replaced:
+            self.warned_replaced = True
+            warnings.warn(
+                f"MaMe's attention processors on {replaced} of {len(self.processors)} self-attention modules of "
+                f"this {type(module).__name__} were replaced after apply_mame (enable_attention_slicing, "
+                "load_ip_adapter, fuse_qkv_projections and set_attn_processor all replace processors), so "
+                "those modules no longer merge tokens as configured. Call apply_mame again to put MaMe back "
+                "on top of the new processors.",
+                stacklevel=2,
+            )
 
 
 _PATCH_ATTRIBUTE = "_mame_patch"
@@ -406,11 +440,11 @@ def apply_mame_to_unet(unet: torch.nn.Module, config: MaMeConfig) -> torch.nn.Mo
         )
     grid = _GridTracker()
     patch = _Patch(config=config, grid=grid)
-    patch.hooks.append(unet.register_forward_pre_hook(grid.on_unet, with_kwargs=True))
+    patch.hooks.append(unet.register_forward_pre_hook(patch.on_model_forward, with_kwargs=True))
     for transformer in {id(t): t for _, t, _ in targets}.values():
         patch.hooks.append(transformer.register_forward_pre_hook(grid.on_transformer, with_kwargs=True))
     for _, _, attention in targets:
-        processor = MaMeProcessor(config=config, fallback=attention.processor)
+        processor = MaMeProcessor(config=config, fallback=_unwrapped(attention.processor))
         processor._grid = grid
         patch.processors[attention] = (attention.processor, processor)
         attention.set_processor(processor)
@@ -426,8 +460,78 @@ def remove_mame_from_unet(unet: torch.nn.Module) -> torch.nn.Module:
     for hook in patch.hooks:
         hook.remove()
     for attention, (original, ours) in patch.processors.items():
-        # A processor the user set after apply_mame is theirs to keep.
-        if attention.processor is ours:
+        current = attention.processor
+        if current is ours:
             attention.set_processor(original)
+        elif isinstance(current, MaMeProcessor):
+            # A MaMeProcessor that apply_mame did not install, set while patched: load_ip_adapter
+            # does this, rebuilding every attn1 processor as ``type(processor)()``, which makes
+            # default, untracked MaMeProcessors. Removing MaMe must not leave them behind.
+            attention.set_processor(_unwrapped(current))
+        # Any other processor set after apply_mame (attention slicing, IP-Adapter, ...) is the
+        # user's to keep.
     delattr(unet, _PATCH_ATTRIBUTE)
     return unet
+
+
+def _unwrapped(processor: Callable[..., Any]) -> Callable[..., Any]:
+    """The first processor under any MaMeProcessor wrappers, so that MaMe never wraps MaMe."""
+    while isinstance(processor, MaMeProcessor):
+        processor = processor.fallback
+    return processor
+
+
+def diffusion_models_of(target: Any, *, include_controlnet: bool = True) -> list[torch.nn.Module]:
+    """The models of ``target`` that MaMe patches, each to be patched on its own.
+
+    * A pipeline: its ``unet`` and, unless ``include_controlnet=False``, its ControlNet(s):
+      ``pipe.controlnet`` when it is a model, or each of the ``nets`` of a
+      ``MultiControlNetModel``. A ControlNet is listed only when it has self-attention
+      MaMe can patch and shares no attention module with a model listed before it
+      (ControlNet-XS fuses its adapter into ``pipe.unet``; patching it twice would wrap MaMe
+      in MaMe).
+    * A ``MultiControlNetModel`` given alone: its nets.
+    * Any other ``torch.nn.Module``: the model itself (``apply_mame_to_unet`` says whether it
+      has anything to patch).
+
+    Each listed model gets its own patch record, grid tracker and hooks; ControlNets run
+    their own forward on the latent (``sample``), so their tracker sees the same latent
+    size as the UNet's. Raises ``TypeError`` for anything else.
+    """
+    unet = getattr(target, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        unet = uncompiled(unet)
+        models = [unet]
+        controlnet = getattr(target, "controlnet", None)
+        if include_controlnet and isinstance(controlnet, torch.nn.Module):
+            patched = {id(a) for _, _, a in self_attention_modules(unet)}
+            for net in _controlnets_in(uncompiled(controlnet)):
+                net = uncompiled(net)
+                attentions = {id(a) for _, _, a in self_attention_modules(net)}
+                if attentions and not attentions & patched:
+                    models.append(net)
+                    patched |= attentions
+        return models
+    if isinstance(target, torch.nn.Module):
+        return [uncompiled(model) for model in _controlnets_in(uncompiled(target))]
+    raise TypeError(
+        f"apply_mame cannot patch a {type(target).__name__}; it patches diffusers pipelines with a `unet` "
+        "(and their ControlNets), UNet2DConditionModel and ControlNetModel"
+    )
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``torch.compile`` wrapper, or ``model`` itself.
+
+    Patches (hooks, processors, the patch record) belong on the real model: the compiled
+    wrapper calls it, and a later ``apply``/``remove`` on either finds the same record.
+    """
+    inner = getattr(model, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _controlnets_in(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The nets of a multi-ControlNet wrapper, or the model itself."""
+    if isinstance(model, (MultiControlNetModel, MultiControlNetUnionModel)):
+        return list({id(net): net for net in model.nets}.values())  # a net listed twice is patched once
+    return [model]

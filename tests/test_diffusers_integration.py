@@ -223,17 +223,25 @@ def test_bf16_unet(tiny_unet):
 # -- SDXL ----------------------------------------------------------------------------------
 
 
-def test_sdxl_defaults_merge_at_its_first_attention_level(tiny_sdxl_unet):
+@pytest.mark.parametrize(
+    "settings,levels",
+    [
+        ({}, {"down_blocks.1", "up_blocks.1", "down_blocks.2", "mid_block.attentions", "up_blocks.0"}),
+        ({"max_downsample": 1}, {"down_blocks.1", "up_blocks.1"}),
+    ],
+)
+def test_sdxl_merges_from_its_first_attention_level(tiny_sdxl_unet, settings, levels):
     inputs = unet_inputs(tiny_sdxl_unet, (32, 32))
     reference = run(tiny_sdxl_unet, inputs)
-    apply_mame(tiny_sdxl_unet)
+    apply_mame(tiny_sdxl_unet, **settings)
     try:
         counts = merged_calls(tiny_sdxl_unet)
         out = run(tiny_sdxl_unet, inputs)
     finally:
         remove_mame(tiny_sdxl_unet)
-    # SDXL's first attention is at 1/2 of the latent (16x16 here): that level merges.
-    assert counts and all("down_blocks.1" in n or "up_blocks.1" in n for n in counts)
+    # SDXL's first attention is at 1/2 of the latent (16x16 here, blocks down 1 / up 1);
+    # the defaults (max_downsample=2) also merge one level lower (8x8: down 2, mid, up 0).
+    assert {".".join(name.split(".")[:2]) for name in counts} == levels
     assert not torch.equal(out, reference)
 
 
