@@ -1,7 +1,8 @@
 """mame-diffusers: MaMe + MaRe matrix-based token merging for diffusers and transformers.
 
 The operator lives in :mod:`mame_diffusers.merging` (pure tensor math); the diffusers
-integration in :mod:`mame_diffusers.diffusers_integration`.
+integration in :mod:`mame_diffusers.diffusers_integration`; the transformers vision-model
+integration in :mod:`mame_diffusers.transformers_integration`.
 """
 
 from .api import apply_mame, remove_mame
@@ -15,6 +16,7 @@ from .merging import (
     plan_merge,
     proportional_attention_bias,
 )
+from .transformers_integration import VisionMaMeConfig, merge_history, visualize_merges
 
 __version__ = "0.1.0"
 
@@ -26,9 +28,12 @@ __all__ = [
     "MaMeConfig",
     "MaMeProcessor",
     "MergePlan",
+    "VisionMaMeConfig",
     "apply_mame",
+    "merge_history",
     "merge_layout",
     "plan_merge",
     "proportional_attention_bias",
     "remove_mame",
+    "visualize_merges",
 ]
