@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..diffusers_integration import MaMeProcessor
+from ..diffusers_integration import MaMeProcessor, _GridTracker
 
 LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
 
@@ -32,15 +32,15 @@ def full_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], n
 
 
 def mame_attention(**settings) -> LayerMethod:
-    """MaMe through the real processor; the 4D input gives it the exact grid."""
+    """MaMe through the real processor, told the grid as apply_mame's hooks would."""
 
     def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
-        attn.set_processor(MaMeProcessor(**settings))
-        batch, _, channels = tokens.shape
-        grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
-        out = attn(grid)
+        processor = MaMeProcessor(**settings)
+        processor._grid = _GridTracker(latent_hw=hw, current_hw=hw, top_downsample=1)
+        attn.set_processor(processor)
+        out = attn(tokens)
         attn.set_processor(AttnProcessor2_0())
-        return out.reshape(batch, channels, -1).transpose(1, 2)
+        return out
 
     return run
 

@@ -1,0 +1,119 @@
+"""``mame-diffusers``: the command line (thin: the work lives in ``benchmarking``).
+
+    mame-diffusers bench                  # SD 2.1 architecture, offline, 512x512, batch 2
+    mame-diffusers bench --quick          # tiny model, seconds
+    mame-diffusers generate --prompt "a photo of an astronaut"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import DEFAULT_RATIO, DEFAULT_TAU
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
+    return value
+
+
+def _tau(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"tau must be in [-1, 1], got {text}")
+    return value
+
+
+def _resolution(text: str) -> int:
+    value = int(text)
+    if value < 64 or value % 8:
+        raise argparse.ArgumentTypeError(f"resolution must be a multiple of 8 of at least 64, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line and exit status 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mame-diffusers", description="MaMe + MaRe token merging for diffusers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--model",
+        default=None,
+        help="diffusers model id or local folder with real weights (default: the SD 2.1 "
+        "architecture built offline with random weights)",
+    )
+    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    common.add_argument("--dtype", default="float32", choices=_DTYPES)
+    common.add_argument("--tau", type=_tau, default=DEFAULT_TAU, help=f"MaMe threshold (default {DEFAULT_TAU})")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", default="outputs", help="folder for the JSON, Markdown and PNG results")
+    common.add_argument("--quick", action="store_true", help="tiny random model: a smoke run in seconds")
+
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="time the UNet and a short pipeline call: baseline vs MaMe vs tomesd",
+        description="Latency, speed-up and fidelity of MaMe against the SDPA baseline and tomesd "
+        "(when installed) at equal merged length, batch 2 (classifier-free guidance).",
+    )
+    bench.add_argument("--resolution", type=_resolution, default=512)
+    bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
+    bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
+    bench.add_argument("--steps", type=_positive, default=2, help="denoising steps in the timed pipeline call")
+    bench.add_argument("--no-pipeline", action="store_true", help="time the UNet only")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the UNet (each method compiled)")
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[common],
+        help="write a side-by-side image grid: baseline | tomesd | MaMe",
+        description="Generate one image per method with the same seed and save them side by side.",
+    )
+    generate.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    generate.add_argument("--resolution", type=_resolution, default=512)
+    generate.add_argument("--ratio", type=_ratio, default=DEFAULT_RATIO)
+    generate.add_argument("--steps", type=_positive, default=25)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .benchmarking import runs
+
+    try:
+        device = runs.resolve_device(args.device)
+        if args.command == "bench":
+            result = runs.run_bench(args, device)
+        else:
+            result = runs.run_generate(args, device)
+    except runs.UsageError as error:
+        print(f"mame-diffusers: error: {error}", file=sys.stderr)
+        return 2
+    for path in result:
+        print(f"wrote {Path(path)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

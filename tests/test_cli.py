@@ -1,0 +1,59 @@
+"""The command line: the main job on a tiny model, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mame_diffusers.cli import main
+
+
+def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
+    assert main(["bench", "--quick", "--repeats", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method |" in printed and "baseline (SDPA)" in printed and "MaMe" in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    names = [row["method"] for row in report["rows"]]
+    assert names[0] == "baseline (SDPA)" and any(n.startswith("MaMe") for n in names)
+    assert all(row["seconds"] > 0 and row["pipeline_seconds"] > 0 for row in report["rows"])
+    assert report["environment"]["torch"] == torch.__version__ and report["setup"]["batch"] == 2
+    assert (tmp_path / "bench.md").read_text().count("|") > 10
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_generate_quick_writes_a_grid(tmp_path):
+    assert main(["generate", "--quick", "--steps", "1", "--out", str(tmp_path)]) == 0
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "generate.png")
+    assert grid.width >= 2 * 128 and grid.height == 128 + 24
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--ratios", "1.5"], "ratio must be in [0, 1)"),
+        (["bench", "--tau", "2"], "tau must be in [-1, 1]"),
+        (["bench", "--resolution", "100"], "multiple of 8"),
+        (["bench", "--model", "/no/such/model/folder"], "cannot load model"),
+        (["bench", "--quick", "--dtype", "float16"], "float16"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("mame-diffusers")]) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_line(capsys):
+    assert main(["bench", "--quick", "--device", "cuda"]) == 2
+    assert "no GPU" in capsys.readouterr().err
