@@ -44,7 +44,19 @@ from .merging import (
     proportional_attention_bias,
 )
 
-__all__ = ["DEFAULT_MAX_DOWNSAMPLE", "DEFAULT_QUERY_SHARE", "DEFAULT_RATIO", "MaMeConfig", "MaMeProcessor", "apply_mame_to_unet", "diffusion_models_of", "remove_mame_from_unet", "uncompiled"]
+__all__ = [
+    "DEFAULT_MAX_DOWNSAMPLE",
+    "DEFAULT_QUERY_SHARE",
+    "DEFAULT_RATIO",
+    "DEFAULT_STACK_MIN_LAYERS",
+    "DEFAULT_STACK_RATIO",
+    "MaMeConfig",
+    "MaMeProcessor",
+    "apply_mame_to_unet",
+    "diffusion_models_of",
+    "remove_mame_from_unet",
+    "uncompiled",
+]
 
 # Defaults chosen from measurements on the SD 2.1 architecture (docs/ablation.md).
 #: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
@@ -53,6 +65,10 @@ DEFAULT_RATIO = 0.75
 DEFAULT_QUERY_SHARE = 0.0
 #: Attention levels that merge, counted from the highest-resolution one with attention.
 DEFAULT_MAX_DOWNSAMPLE = 2
+#: Tokens merged before deep transformer stacks (SDXL's 10-layer ones) and restored after.
+DEFAULT_STACK_RATIO = 0.5
+#: A Transformer2DModel with at least this many blocks counts as a deep stack.
+DEFAULT_STACK_MIN_LAYERS = 4
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 
@@ -71,6 +87,14 @@ class MaMeConfig:
     ``max_downsample`` counts from the highest-resolution level that has attention: ``1``
     merges only there (the full latent resolution on SD 1.x/2.x, as in tomesd; half of it
     on SDXL, whose first attention is one level down), ``2`` also one level lower, and so on.
+
+    ``stack_ratio``: in deep transformer stacks (``Transformer2DModel`` with at least
+    ``stack_min_layers`` blocks: SDXL's 10-layer stacks; SD 1.x/2.x have none), within
+    ``max_downsample``, MaMe merges this fraction of the tokens *before the whole stack* and
+    MaRe restores them after it, so every layer of the stack (self-attention, cross-attention
+    and MLP) runs on the merged tokens; self-attention inside then also merges its keys and
+    values and weights merged tokens by their sizes. ``0`` turns it off.
+
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
 
@@ -84,6 +108,8 @@ class MaMeConfig:
     temperature: float | None = None
     straight_through: bool = False
     proportional_attention: bool = True
+    stack_ratio: float = DEFAULT_STACK_RATIO
+    stack_min_layers: int = DEFAULT_STACK_MIN_LAYERS
 
     def __post_init__(self) -> None:
         tau = check_merge_settings(
@@ -103,6 +129,11 @@ class MaMeConfig:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
             raise ValueError(f"query_share must be a number in [0, 1], got {share!r}")
         object.__setattr__(self, "query_share", float(share))
+        check_merge_settings(ratio=self.stack_ratio, tau=self.tau, block=self.block, halo=self.halo)
+        object.__setattr__(self, "stack_ratio", float(self.stack_ratio))
+        layers = self.stack_min_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"stack_min_layers must be a positive int, got {layers!r}")
 
     @property
     def query_ratio(self) -> float:
@@ -114,11 +145,14 @@ class MaMeConfig:
         """Fraction of keys and values merged."""
         return 1.0 - (1.0 - self.ratio) ** (2.0 - self.query_share)
 
-    def plan(self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float) -> MergePlan:
+    def plan(
+        self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None = None
+    ) -> MergePlan:
         return plan_merge(
             tokens,
             hw,
             ratio=ratio,
+            sizes=sizes,
             tau=self.tau,
             block=self.block,
             halo=self.halo,
@@ -139,12 +173,26 @@ class _GridTracker:
     current_hw: tuple[int, int] | None = None
     #: Downsample factor of the first (highest-resolution) level with attention.
     top_downsample: int | None = None
+    #: While a deep stack runs on merged tokens: the plan that merged them (MaRe restores
+    #: with it after the stack) and the stack's own grid; ``current_hw`` is then the merged
+    #: grid and ``current_sizes`` the merged tokens' sizes.
+    stack_plan: MergePlan | None = None
+    stack_hw: tuple[int, int] | None = None
+    current_sizes: torch.Tensor | None = None
+    #: The tokens entering the merged stack, and what they merged into.
+    stack_input: torch.Tensor | None = None
+    stack_merged: torch.Tensor | None = None
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
         self.latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
         self.current_hw = None
         self.top_downsample = None
+        self.end_stack()
+
+    def end_stack(self) -> None:
+        self.stack_plan = self.stack_hw = self.current_sizes = None
+        self.stack_input = self.stack_merged = None
 
     def on_transformer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -159,6 +207,50 @@ class _GridTracker:
         if self.latent_hw is None:
             return 1
         return _nearest_power_of_two(self.latent_hw[0] / hw[0])
+
+    def within(self, hw: tuple[int, int], max_downsample: int) -> bool:
+        """Whether a grid lies at a level that ``max_downsample`` lets merge."""
+        top = self.top_downsample or self.downsample(hw)
+        return self.downsample(hw) <= top * max_downsample
+
+
+@dataclass
+class _StackMerge:
+    """MaMe before a deep transformer stack, MaRe after it (forward hooks on its first and
+    last blocks).
+
+    MaRe restores the stack's *update* ``stack(Y) - Y`` and adds it to each token's own
+    input, rather than handing every token its slot's output: a token keeps whatever set it
+    apart from its slot, and only what the stack added is shared within a slot (the same
+    residual form in which tomesd unmerges attention).
+    """
+
+    grid: _GridTracker
+    config: MaMeConfig
+
+    def before_first_block(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        hw = self.grid.current_hw
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hw is None or hidden.ndim != 3 or not self.grid.within(hw, self.config.max_downsample):
+            return None
+        plan = self.config.plan(hidden, hw, self.config.stack_ratio)
+        merged = plan.merge(hidden)
+        self.grid.stack_plan, self.grid.stack_hw = plan, hw
+        self.grid.current_hw, self.grid.current_sizes = plan.merged_hw, plan.sizes
+        self.grid.stack_input, self.grid.stack_merged = hidden, merged
+        if args:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": merged}
+
+    def after_last_block(self, block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        grid = self.grid
+        plan = grid.stack_plan
+        if plan is None:
+            return None
+        restored = grid.stack_input + plan.restore(output - grid.stack_merged)
+        grid.current_hw = grid.stack_hw
+        grid.end_stack()
+        return restored
 
 
 def _nearest_power_of_two(value: float) -> int:
@@ -266,8 +358,11 @@ class MaMeProcessor:
                     "tokens; this module does not run inside a Transformer2DModel as apply_mame assumed"
                 )
             hw = recorded
-        top = grid.top_downsample or grid.downsample(hw)
-        return hw if grid.downsample(hw) <= top * self.config.max_downsample else None
+        if grid.current_sizes is not None:
+            # Inside a merged stack: always take the merged path, whose size bias keeps
+            # attention proportional (and empty slots weightless).
+            return hw
+        return hw if grid.within(hw, self.config.max_downsample) else None
 
     def _bare_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
         if hw is None:
@@ -309,11 +404,12 @@ class MaMeProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         config = self.config
-        query_plan = config.plan(hidden_states, hw, config.query_ratio) if config.query_ratio > 0 else None
+        sizes = self._grid.current_sizes if self._grid is not None else None
+        query_plan = config.plan(hidden_states, hw, config.query_ratio, sizes) if config.query_ratio > 0 else None
         if config.query_share == 1.0 and query_plan is not None:
             context_plan = query_plan
         else:
-            context_plan = config.plan(hidden_states, hw, config.kv_ratio)
+            context_plan = config.plan(hidden_states, hw, config.kv_ratio, sizes)
         queries = query_plan.merge(hidden_states) if query_plan is not None else hidden_states
         context = queries if context_plan is query_plan else context_plan.merge(hidden_states)
 
@@ -443,6 +539,11 @@ def apply_mame_to_unet(unet: torch.nn.Module, config: MaMeConfig) -> torch.nn.Mo
     patch.hooks.append(unet.register_forward_pre_hook(patch.on_model_forward, with_kwargs=True))
     for transformer in {id(t): t for _, t, _ in targets}.values():
         patch.hooks.append(transformer.register_forward_pre_hook(grid.on_transformer, with_kwargs=True))
+        blocks = getattr(transformer, "transformer_blocks", None)
+        if config.stack_ratio > 0 and blocks is not None and len(blocks) >= config.stack_min_layers:
+            stack = _StackMerge(grid, config)
+            patch.hooks.append(blocks[0].register_forward_pre_hook(stack.before_first_block, with_kwargs=True))
+            patch.hooks.append(blocks[-1].register_forward_hook(stack.after_last_block, with_kwargs=True))
     for _, _, attention in targets:
         processor = MaMeProcessor(config=config, fallback=_unwrapped(attention.processor))
         processor._grid = grid

@@ -337,3 +337,64 @@ def test_attention_masks_on_merged_self_attention_are_refused():
     hidden = torch.randn(1, 32, 8, 8)
     with pytest.raises(ValueError, match="attention_mask"):
         MaMeProcessor(ratio=0.5)(attention, hidden, attention_mask=torch.zeros(1, 1, 64))
+
+
+# -- deep stacks: MaMe before the whole stack, MaRe after it --------------------------------
+
+
+def test_deep_stacks_run_on_merged_tokens_and_restore(tiny_sdxl_unet):
+    # tiny-sdxl's lowest level holds 2-block stacks; count them as deep for the test.
+    inputs = unet_inputs(tiny_sdxl_unet, (32, 32))
+    reference = run(tiny_sdxl_unet, inputs)
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen.setdefault(module, []).append((args[0].shape[1], output.shape[1]))
+
+    deep = [t for _, t, _ in self_attention_modules(tiny_sdxl_unet) if len(t.transformer_blocks) >= 2]
+    handles = [block.register_forward_hook(record, with_kwargs=True) for t in deep for block in t.transformer_blocks]
+    apply_mame(tiny_sdxl_unet, stack_ratio=0.75, stack_min_layers=2)
+    try:
+        counts = merged_calls(tiny_sdxl_unet)
+        out = run(tiny_sdxl_unet, inputs)
+    finally:
+        remove_mame(tiny_sdxl_unet)
+        for handle in handles:
+            handle.remove()
+    # 8x8 = 64 tokens enter each deep stack; both of its blocks see the 16 merged ones, and
+    # MaRe gives the stack's output back its 64 tokens.
+    assert seen and all(shapes == [(16, 16)] * (len(shapes)) for shapes in seen.values())
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert any("up_blocks.0" in name or "mid_block" in name for name in counts)
+    assert 0 < ((out - reference).norm() / reference.norm()) < 0.5
+    assert torch.equal(run(tiny_sdxl_unet, inputs), reference)
+
+
+def test_stack_merging_is_off_for_shallow_stacks_and_at_zero(tiny_unet):
+    for settings in ({}, {"stack_ratio": 0.0, "stack_min_layers": 1}):
+        apply_mame(tiny_unet, **settings)
+        hooks = sum(len(m._forward_hooks) for m in tiny_unet.modules())
+        remove_mame(tiny_unet)
+        assert hooks == 0
+    apply_mame(tiny_unet, stack_ratio=0.5, stack_min_layers=1)
+    try:
+        assert sum(len(m._forward_hooks) for m in tiny_unet.modules()) > 0
+    finally:
+        remove_mame(tiny_unet)
+    with pytest.raises(ValueError, match="stack_min_layers"):
+        MaMeConfig(stack_min_layers=0)
+    with pytest.raises(ValueError, match="ratio"):
+        MaMeConfig(stack_ratio=1.0)
+
+
+def test_deep_stack_merging_compiles_into_one_graph(tiny_sdxl_unet):
+    inputs = unet_inputs(tiny_sdxl_unet, (32, 32))
+    apply_mame(tiny_sdxl_unet, stack_ratio=0.5, stack_min_layers=2)
+    try:
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(tiny_sdxl_unet)(**inputs)
+    finally:
+        remove_mame(tiny_sdxl_unet)
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
