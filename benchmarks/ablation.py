@@ -132,6 +132,7 @@ def plot_frontier(rows, path: Path, full_ms: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ratios = sorted({r["ratio"] for r in rows})
     figure, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4.8), squeeze=False)
@@ -146,6 +147,8 @@ def plot_frontier(rows, path: Path, full_ms: float) -> None:
         axis.set_xlabel("ms per call (batch 2, this CPU)")
         axis.set_ylabel("relative error vs full attention")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.grid(alpha=0.3)
     figure.suptitle("Layer fidelity vs time: red = peers, blue = query/key split, green = tau, grey = other variants")
     figure.tight_layout()

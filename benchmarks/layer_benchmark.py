@@ -17,7 +17,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from mame_diffusers import DEFAULT_RATIO, merge_layout
+from mame_diffusers import merge_layout
 from mame_diffusers.benchmarking.layer import (
     full_attention,
     kv_pool_attention,
@@ -46,7 +46,7 @@ METHODS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[DEFAULT_RATIO, 0.75, 0.9])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default="benchmarks/results/layer_cpu")
