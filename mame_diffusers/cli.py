@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_logs()
     from .benchmarking import runs
 
     try:
@@ -113,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     for path in result:
         print(f"wrote {Path(path)}")
     return 0
+
+
+def _quiet_library_logs() -> None:
+    """Keep the command's output to its own table: diffusers and transformers log notes
+    about optional packages and dtype casts at info/warning level that say nothing here."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,79 @@
+"""UNet-level fidelity and speed: the whole UNet with MaMe and tomesd settings side by side.
+
+The UNet (SD 2.1 or SDXL architecture, random weights, config shipped in the package) gets
+latents encoded from real photographs (scikit-image), batch 2, fixed seeds. Each row gives
+the median time of a UNet forward and the relative error of its noise prediction against the
+unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
+
+    python benchmarks/unet_fidelity.py --model sd21 --resolution 768
+    python benchmarks/unet_fidelity.py --model sdxl --resolution 1024 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+from mame_diffusers.benchmarking.photos import photo_latents
+from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
+from mame_diffusers.benchmarking.unet import baseline, compare_unet, mame, tomesd_method
+from mame_diffusers.offline import build_unet, unet_inputs
+
+# The settings worth comparing on each architecture: tomesd at its defaults and at the
+# max_downsample SDXL needs, MaMe at its defaults and at the settings that trade fidelity
+# for speed (more merging, merged queries, merging before deep stacks).
+SWEEPS = {
+    "sd21": lambda: [
+        tomesd_method(0.5),
+        tomesd_method(0.75),
+        tomesd_method(0.75, max_downsample=2),
+        mame(),
+        mame(max_downsample=1),
+        mame(query_share=1.0),
+        mame(ratio=0.9, query_share=1.0),
+    ],
+    "sdxl": lambda: [
+        tomesd_method(0.75, max_downsample=2),
+        mame(),
+        mame(stack_ratio=0.0),
+        mame(stack_ratio=0.75),
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SWEEPS), default="sd21")
+    parser.add_argument("--resolution", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="report path without suffix (default docs/unet_<model>_<res>)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    latent = args.resolution // 8
+    unet = build_unet(args.model)
+    latents = torch.cat([photo_latents("astronaut", (latent, latent)), photo_latents("coffee", (latent, latent))])
+    inputs = unet_inputs(unet, (latent, latent), latents=latents)
+    methods = [baseline()] + [m for m in SWEEPS[args.model]() if m is not None]
+    rows = compare_unet(unet, inputs, methods, repeats=args.repeats, warmup=1)
+
+    table = markdown_table(
+        rows, ["method", "seconds", "speedup", "error"], {"seconds": ".2f", "speedup": ".3f", "error": ".4f"}
+    )
+    print(table)
+    out = args.out or f"docs/unet_{args.model}_{args.resolution}"
+    payload = {
+        "environment": environment("cpu", torch.float32),
+        "model": args.model,
+        "resolution": args.resolution,
+        "batch": 2,
+        "rows": rows,
+    }
+    for path in write_report(out, payload, table):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
