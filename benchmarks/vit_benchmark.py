@@ -45,13 +45,14 @@ import transformers as tf
 from tqdm import tqdm
 
 from mame_diffusers import VisionMaMeConfig, merge_layout, visualize_merges
-from mame_diffusers.benchmarking.photos import PHOTOS, load_photo
+from mame_diffusers.benchmarking.photos import PHOTOS, load_photo, photo_tokens
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.benchmarking.timing import median_seconds
 from mame_diffusers.transformers_integration import (
     TokenMerge,
     apply_mame_to_vision_model,
     merge_history,
+    mame_token_merge,
     merge_membership,
     remove_mame_from_vision_model,
     similarity_features,
@@ -395,6 +396,29 @@ def measure(subject: Subject, methods: list[Method], args, device, dtype) -> lis
     return rows
 
 
+def merge_step_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict]:
+    """Time one merge step alone (no model around it): ViT-B's first merge, B=32, 196 patch
+    tokens of 768 channels on 14 x 14, the default ratio, MaMe vs the ToMe-style peer at the
+    same count. End-to-end throughput hides this step (a few % of a forward); here it is
+    the whole measurement."""
+    config = VisionMaMeConfig()
+    ratio = config.ratio if isinstance(config.ratio, float) else config.ratio[0]
+    torch.manual_seed(0)
+    photos = torch.cat([photo_tokens(name, (14, 14), channels=768, patch=16) for name in PHOTOS])
+    patches = repeat_to(photos, 32).to(device, dtype)
+    rows = []
+    for name, merger in (("MaMe", mame_token_merge), ("ToMe-style bipartite", tome_token_merge)):
+        with torch.inference_mode():
+            merged = merger(patches, (14, 14), None, ratio, config)
+            seconds = median_seconds(
+                lambda: merger(patches, (14, 14), None, ratio, config), repeats=repeats, device=device
+            )
+        rows.append({"method": name, "tokens": f"196->{merged.tokens.shape[1]}", "batch": 32, "ms": 1e3 * seconds})
+    for row in rows:
+        row["time vs ToMe-style"] = row["ms"] / rows[-1]["ms"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models and batches: a smoke run in seconds")
@@ -407,7 +431,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--merge-step", action="store_true", help="time one merge step alone, MaMe vs the ToMe-style peer"
+    )
     args = parser.parse_args()
+    if args.merge_step:
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        rows = merge_step_rows(device, dtype, args.repeats or 50)
+        columns = ["method", "tokens", "batch", "ms", "time vs ToMe-style"]
+        table = markdown_table(rows, columns, {"ms": ".2f", "time vs ToMe-style": ".2f"})
+        print(table)
+        payload = {"environment": environment(device, dtype), "rows": rows}
+        paths = write_report(args.out or "benchmarks/results/vit_merge_step", payload, table)
+        print("wrote", *paths)
+        return
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.warmup = args.warmup or 1
     out = args.out or ("benchmarks/results/vit_cpu_quick" if args.quick else "benchmarks/results/vit_cpu")

@@ -20,6 +20,17 @@ from .transformers_integration import VisionMaMeConfig, merge_history, visualize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The pipeline pulls in diffusers' whole Stable Diffusion stack (and CLIP from
+    # transformers): import it on first use, not with the package.
+    if name == "StableDiffusionMaMePipeline":
+        from .pipeline_stable_diffusion_mame import StableDiffusionMaMePipeline
+
+        return StableDiffusionMaMePipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_HALO",
@@ -28,6 +39,7 @@ __all__ = [
     "MaMeConfig",
     "MaMeProcessor",
     "MergePlan",
+    "StableDiffusionMaMePipeline",
     "VisionMaMeConfig",
     "apply_mame",
     "merge_history",

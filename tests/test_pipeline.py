@@ -97,6 +97,15 @@ def test_bad_mame_arguments_are_refused_before_anything_runs(pipe, kwargs, error
     assert all(processors(pipe)[k] is before[k] for k in before)
 
 
+def test_the_package_exports_the_pipeline_lazily():
+    import mame_diffusers
+
+    assert mame_diffusers.StableDiffusionMaMePipeline is StableDiffusionMaMePipeline
+    assert "StableDiffusionMaMePipeline" in mame_diffusers.__all__
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        mame_diffusers.NoSuchThing
+
+
 def test_from_pipe_shares_the_components(components):
     stock = StableDiffusionPipeline(**components)
     ours = StableDiffusionMaMePipeline.from_pipe(stock)
