@@ -5,8 +5,9 @@ latents encoded from real photographs (scikit-image), batch 2, fixed seeds. Each
 the median time of a UNet forward and the relative error of its noise prediction against the
 unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
 
-    python benchmarks/unet_fidelity.py --model sd21 --resolution 768
-    python benchmarks/unet_fidelity.py --model sdxl --resolution 1024 --repeats 2
+    python benchmarks/unet_fidelity.py --sweep sd21 --resolution 768
+    python benchmarks/unet_fidelity.py --sweep sd21-stack --resolution 768
+    python benchmarks/unet_fidelity.py --sweep sdxl --resolution 1024 --repeats 2
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from mame_diffusers.offline import build_unet, unet_inputs
 
 # The settings worth comparing on each architecture: tomesd at its defaults and at the
 # max_downsample SDXL needs, MaMe at its defaults and at the settings that trade fidelity
-# for speed (more merging, merged queries, merging before deep stacks).
+# for speed (more merging, merged queries, merging before deep stacks). A sweep's name
+# starts with the architecture it runs on.
 SWEEPS = {
     "sd21": lambda: [
         tomesd_method(0.5),
@@ -33,6 +35,15 @@ SWEEPS = {
         mame(max_downsample=1),
         mame(query_share=1.0),
         mame(ratio=0.9, query_share=1.0),
+    ],
+    # Merging before SD 2.1's one-layer transformer blocks too, as deep-stack merging does
+    # before SDXL's ten-layer ones: what stack_min_layers=4 (the default) rules out.
+    "sd21-stack": lambda: [
+        tomesd_method(0.75, max_downsample=2),
+        mame(),
+        mame(stack_min_layers=1),
+        mame(stack_min_layers=1, stack_ratio=0.3),
+        mame(stack_min_layers=1, max_downsample=1),
     ],
     "sdxl": lambda: [
         tomesd_method(0.75, max_downsample=2),
@@ -45,28 +56,31 @@ SWEEPS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SWEEPS), default="sd21")
+    # --model: the name the first published runs used (their reports record it).
+    parser.add_argument("--sweep", "--model", dest="sweep", choices=sorted(SWEEPS), default="sd21")
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None, help="report path without suffix (default docs/unet_<model>_<res>)")
+    parser.add_argument("--out", default=None, help="report path without suffix (default docs/unet_<sweep>_<res>)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
     latent = args.resolution // 8
-    unet = build_unet(args.model)
+    model = args.sweep.split("-")[0]
+    unet = build_unet(model)
     latents = torch.cat([photo_latents("astronaut", (latent, latent)), photo_latents("coffee", (latent, latent))])
     inputs = unet_inputs(unet, (latent, latent), latents=latents)
-    methods = [baseline()] + [m for m in SWEEPS[args.model]() if m is not None]
+    methods = [baseline()] + [m for m in SWEEPS[args.sweep]() if m is not None]
     rows = compare_unet(unet, inputs, methods, repeats=args.repeats, warmup=1)
 
     table = markdown_table(
         rows, ["method", "seconds", "speedup", "error"], {"seconds": ".2f", "speedup": ".3f", "error": ".4f"}
     )
     print(table)
-    out = args.out or f"docs/unet_{args.model}_{args.resolution}"
+    out = args.out or f"docs/unet_{args.sweep.replace('-', '_')}_{args.resolution}"
     payload = {
         "environment": environment("cpu", torch.float32),
-        "model": args.model,
+        "model": model,
+        "sweep": args.sweep,
         "resolution": args.resolution,
         "batch": 2,
         "rows": rows,
