@@ -583,3 +583,19 @@ def test_membership_matches_sizes_and_figure_is_written(tmp_path):
     assert visualize_merges(siglip2, skimage_data.coffee(), tmp_path / "siglip2.png").exists()
     with pytest.raises(ValueError, match="VideoMAE"):
         visualize_merges(build("videomae"), skimage_data.coffee(), tmp_path / "video.png")
+
+
+@pytest.mark.parametrize("name", ["vit_classifier", "deit_teacher", "clip", "siglip", "videomae_classifier"])
+def test_patched_models_trace_into_one_graph_and_match_eager(name):
+    model = build(name)
+    batch = inputs(name)
+    apply_mame(model, ratio=0.3)
+    with torch.no_grad():
+        eager = features(model, name, batch)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(**batch)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(features(compiled, name, batch), eager)
+    torch._dynamo.reset()
