@@ -33,6 +33,7 @@ SWEEPS = {
         tomesd_method(0.75, max_downsample=2),
         mame(),
         mame(max_downsample=1),
+        mame(ratio=0.9),
         mame(query_share=1.0),
         mame(ratio=0.9, query_share=1.0),
     ],
