@@ -425,7 +425,9 @@ class MaMeProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        key_bias = self._key_bias(context_plan.sizes, query.dtype)
+        key_bias = proportional_attention_bias(
+            context_plan.sizes, query.dtype, proportional=config.proportional_attention
+        )[:, None, None, :]
         # SDPA accumulates in float32 already, so, like AttnProcessor2_0, nothing more is
         # needed for attn.upcast_attention.
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, scale=attn.scale)
@@ -442,14 +444,6 @@ class MaMeProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-    def _key_bias(self, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``(B, 1, 1, M)`` additive bias: log-size (proportional attention), or only the
-        mask of empty slots when proportional attention is off."""
-        bias = proportional_attention_bias(sizes, dtype)
-        if not self.config.proportional_attention:
-            bias = torch.where(sizes > 0, torch.zeros_like(bias), bias)
-        return bias[:, None, None, :]
 
 
 def _accepted_keywords(processor: Callable[..., Any]) -> set[str] | None:

@@ -560,15 +560,20 @@ def _hard_assignment(similarity: torch.Tensor, own_candidate: torch.Tensor, tau:
     return torch.where(stay, own_candidate, first_best.to(similarity.dtype))
 
 
-def proportional_attention_bias(sizes: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def proportional_attention_bias(
+    sizes: torch.Tensor, dtype: torch.dtype | None = None, *, proportional: bool = True
+) -> torch.Tensor:
     """Additive key bias ``log(size)`` for proportional attention.
 
     A slot that stands for ``k`` tokens then weighs like ``k`` tokens in the softmax. Empty
     slots (size 0) get a large negative, finite bias: no weight, and never NaN (a fully
-    ``-inf`` row would make the softmax NaN). Returns a tensor shaped like ``sizes``.
+    ``-inf`` row would make the softmax NaN). ``proportional=False`` keeps only that mask:
+    every non-empty slot gets 0, whatever its size. Returns a tensor shaped like ``sizes``.
     """
     dtype = dtype or sizes.dtype
-    floor = torch.finfo(dtype).min / 2
-    safe = sizes.clamp_min(torch.finfo(sizes.dtype).tiny)
-    bias = torch.where(sizes > 0, safe.log(), torch.full_like(safe, floor))
-    return bias.to(dtype)
+    floor = torch.full_like(sizes, torch.finfo(dtype).min / 2)
+    if proportional:
+        present = sizes.clamp_min(torch.finfo(sizes.dtype).tiny).log()
+    else:
+        present = torch.zeros_like(sizes)
+    return torch.where(sizes > 0, present, floor).to(dtype)

@@ -622,9 +622,7 @@ class _MergeState:
 
     def _key_bias(self, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``(B, 1, 1, L)``: log-size per key (0 for special tokens); empty slots masked."""
-        bias = proportional_attention_bias(sizes, dtype)
-        if not self.config.proportional_attention:
-            bias = torch.where(sizes > 0, torch.zeros_like(bias), bias)
+        bias = proportional_attention_bias(sizes, dtype, proportional=self.config.proportional_attention)
         if self.family.special_tokens:
             bias = torch.cat([bias.new_zeros(bias.shape[0], self.family.special_tokens), bias], dim=1)
         return bias[:, None, None, :]

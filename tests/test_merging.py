@@ -219,6 +219,9 @@ def test_proportional_bias_is_log_size(dtype):
     assert bias.dtype == dtype
     torch.testing.assert_close(bias[0, 1:].float(), torch.log(sizes[0, 1:]), rtol=1e-2, atol=1e-3)
     assert bias[0, 0] < -1e4 and torch.isfinite(bias).all()
+    mask_only = proportional_attention_bias(sizes, dtype, proportional=False)
+    assert mask_only.dtype == dtype and (mask_only[0, 1:] == 0).all()
+    assert mask_only[0, 0] == bias[0, 0]
 
 
 # -- differentiability ---------------------------------------------------------------------
