@@ -39,8 +39,7 @@ from .merging import (
     DEFAULT_HALO,
     DEFAULT_TAU,
     MergePlan,
-    check_merge_settings,
-    plan_merge,
+    OperatorSettings,
     proportional_attention_bias,
 )
 
@@ -73,7 +72,7 @@ _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
-class MaMeConfig:
+class MaMeConfig(OperatorSettings):
     """Settings of MaMe on a UNet; validated when built.
 
     ``ratio`` sets the attention budget exactly as tomesd's ratio does: with ``M = N (1 -
@@ -112,16 +111,7 @@ class MaMeConfig:
     stack_min_layers: int = DEFAULT_STACK_MIN_LAYERS
 
     def __post_init__(self) -> None:
-        tau = check_merge_settings(
-            ratio=self.ratio,
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-        )
-        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "tau", self.check_operator_settings(self.ratio))
         object.__setattr__(self, "ratio", float(self.ratio))
         if self.max_downsample not in _ALLOWED_DOWNSAMPLE or isinstance(self.max_downsample, bool):
             raise ValueError(f"max_downsample must be one of {_ALLOWED_DOWNSAMPLE}, got {self.max_downsample!r}")
@@ -129,7 +119,7 @@ class MaMeConfig:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
             raise ValueError(f"query_share must be a number in [0, 1], got {share!r}")
         object.__setattr__(self, "query_share", float(share))
-        check_merge_settings(ratio=self.stack_ratio, tau=self.tau, block=self.block, halo=self.halo)
+        self.check_operator_settings(self.stack_ratio)
         object.__setattr__(self, "stack_ratio", float(self.stack_ratio))
         layers = self.stack_min_layers
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
@@ -144,22 +134,6 @@ class MaMeConfig:
     def kv_ratio(self) -> float:
         """Fraction of keys and values merged."""
         return 1.0 - (1.0 - self.ratio) ** (2.0 - self.query_share)
-
-    def plan(
-        self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None = None
-    ) -> MergePlan:
-        return plan_merge(
-            tokens,
-            hw,
-            ratio=ratio,
-            sizes=sizes,
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-        )
 
 
 @dataclass

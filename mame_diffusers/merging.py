@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_TAU",
     "MergeLayout",
     "MergePlan",
+    "OperatorSettings",
     "check_merge_settings",
     "merge_layout",
     "plan_merge",
@@ -577,3 +578,48 @@ def proportional_attention_bias(
     else:
         present = torch.zeros_like(sizes)
     return torch.where(sizes > 0, present, floor).to(dtype)
+
+
+class OperatorSettings:
+    """What a settings dataclass that carries the operator's options gets for free.
+
+    Subclasses (``MaMeConfig``, ``VisionMaMeConfig``) declare the fields ``tau``, ``block``,
+    ``halo``, ``anchor``, ``temperature`` and ``straight_through`` with their own defaults;
+    this mixin validates them and plans merges with them, in one place.
+    """
+
+    tau: float
+    block: int | None
+    halo: int
+    anchor: str
+    temperature: float | None
+    straight_through: bool
+
+    def check_operator_settings(self, ratio: float) -> float:
+        """:func:`check_merge_settings` on these options at ``ratio``; returns ``tau`` as a float."""
+        return check_merge_settings(
+            ratio=ratio,
+            tau=self.tau,
+            block=self.block,
+            halo=self.halo,
+            anchor=self.anchor,
+            temperature=self.temperature,
+            straight_through=self.straight_through,
+        )
+
+    def plan(
+        self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None = None
+    ) -> MergePlan:
+        """:func:`plan_merge` of ``tokens`` at ``ratio`` with these options."""
+        return plan_merge(
+            tokens,
+            hw,
+            ratio=ratio,
+            sizes=sizes,
+            tau=self.tau,
+            block=self.block,
+            halo=self.halo,
+            anchor=self.anchor,
+            temperature=self.temperature,
+            straight_through=self.straight_through,
+        )

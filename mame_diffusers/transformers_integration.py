@@ -61,9 +61,9 @@ from .merging import (
     DEFAULT_HALO,
     DEFAULT_TAU,
     MergePlan,
+    OperatorSettings,
     check_merge_settings,
     merge_layout,
-    plan_merge,
     proportional_attention_bias,
 )
 
@@ -140,7 +140,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class VisionMaMeConfig:
+class VisionMaMeConfig(OperatorSettings):
     """Settings of MaMe on a transformers vision model; validated when built.
 
     Args:
@@ -189,16 +189,7 @@ class VisionMaMeConfig:
             raise ValueError(f"ratio must be a number in [0, 1) or a sequence of them, got {self.ratio!r}")
         for ratio in ratios:
             check_merge_settings(ratio=ratio, tau=0.0, block=None, halo=0)
-        tau = check_merge_settings(
-            ratio=ratios[0],
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-        )
-        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "tau", self.check_operator_settings(ratios[0]))
         schedule = isinstance(self.ratio, (list, tuple))
         object.__setattr__(self, "ratio", tuple(float(r) for r in ratios) if schedule else float(ratios[0]))
 
@@ -242,20 +233,6 @@ class VisionMaMeConfig:
                     f"layer {index} does not exist: the model has {num_layers} encoder layers (0..{num_layers - 1})"
                 )
         return dict(sorted(zip(layers, ratios)))
-
-    def plan(self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None) -> MergePlan:
-        return plan_merge(
-            tokens,
-            hw,
-            ratio=ratio,
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-            sizes=sizes,
-        )
 
 
 # -- one merge step --------------------------------------------------------------------------------
