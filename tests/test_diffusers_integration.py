@@ -14,6 +14,7 @@ from mame_diffusers.diffusers_integration import patched_config, self_attention_
 from mame_diffusers.offline import build_unet, unet_inputs
 
 from .banned_ops import assert_no_banned_ops
+from .graphs import assert_one_graph
 
 
 @pytest.fixture(scope="module")
@@ -294,13 +295,9 @@ def test_compiles_into_one_graph(tiny_unet):
     inputs = unet_inputs(tiny_unet, (16, 16))
     apply_mame(tiny_unet, ratio=0.5, max_downsample=2)
     try:
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(tiny_unet)(**inputs)
+        assert_one_graph(tiny_unet, **inputs)
     finally:
         remove_mame(tiny_unet)
-        torch._dynamo.reset()
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -391,10 +388,6 @@ def test_deep_stack_merging_compiles_into_one_graph(tiny_sdxl_unet):
     inputs = unet_inputs(tiny_sdxl_unet, (32, 32))
     apply_mame(tiny_sdxl_unet, stack_ratio=0.5, stack_min_layers=2)
     try:
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(tiny_sdxl_unet)(**inputs)
+        assert_one_graph(tiny_sdxl_unet, **inputs)
     finally:
         remove_mame(tiny_sdxl_unet)
-        torch._dynamo.reset()
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1

@@ -20,6 +20,7 @@ from mame_diffusers.transformers_integration import (
 )
 
 from .banned_ops import BANNED_OPS, ops_run_by
+from .graphs import assert_one_graph
 
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
 IMAGE = dict(image_size=32, patch_size=4)  # an 8 x 8 patch grid
@@ -592,10 +593,7 @@ def test_patched_models_trace_into_one_graph_and_match_eager(name):
     apply_mame(model, ratio=0.3)
     with torch.no_grad():
         eager = features(model, name, batch)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(model)(**batch)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-        torch._dynamo.reset()
+        assert_one_graph(model, **batch)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(features(compiled, name, batch), eager)
     torch._dynamo.reset()
