@@ -21,17 +21,15 @@ from tqdm import tqdm
 
 from mame_diffusers import merge_layout, plan_merge
 from mame_diffusers.benchmarking.layer import (
+    LayerBench,
     full_attention,
     kv_pool_attention,
-    make_self_attention,
     mame_attention,
     pool_attention,
-    relative_error,
     tomesd_attention,
 )
 from mame_diffusers.benchmarking.photos import PHOTOS, load_photo, photo_tokens
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-from mame_diffusers.benchmarking.timing import median_seconds
 
 # (family, label, settings): settings go to MaMeProcessor; peers are built separately.
 MAME_VARIANTS = [
@@ -77,30 +75,19 @@ def main() -> None:
     torch.set_grad_enabled(False)
     out = Path(args.out)
 
-    hw = (64, 64)
-    attn = make_self_attention()
-    photos = PHOTOS[:2] if args.quick else PHOTOS
-    tokens = {name: photo_tokens(name, hw) for name in photos}
-    references = {name: full_attention(attn, t, hw, 0) for name, t in tokens.items()}
-    timing_batch = torch.cat([photo_tokens("astronaut", hw), photo_tokens("coffee", hw)])
-
-    def measure(method, num_merged: int) -> tuple[float, float]:
-        error = sum(relative_error(method(attn, t, hw, num_merged), references[n]) for n, t in tokens.items())
-        seconds = median_seconds(lambda: method(attn, timing_batch, hw, num_merged), repeats=args.repeats)
-        return error / len(tokens), 1e3 * seconds
-
-    full_ms = 1e3 * median_seconds(lambda: full_attention(attn, timing_batch, hw, 0), repeats=3)
+    bench = LayerBench(PHOTOS[:2] if args.quick else PHOTOS)
+    full_ms = bench.milliseconds(full_attention, 0, repeats=3)
     variants = [v for v in MAME_VARIANTS if not args.quick or v[1] in QUICK]
     jobs = [(ratio, family, label, settings) for ratio in args.ratios for family, label, settings in variants]
     jobs += [(ratio, "peer", name, None) for ratio in args.ratios for name in ("tomesd", "ToDo (kv pooling)", "pool/unpool")]
     rows = []
     for ratio, family, label, settings in tqdm(jobs, desc="ablation"):
-        num_merged = merge_layout(hw, ratio).num_merged
+        num_merged = merge_layout(bench.hw, ratio).num_merged
         if settings is None:
             method = {"tomesd": tomesd_attention(), "ToDo (kv pooling)": kv_pool_attention, "pool/unpool": pool_attention}[label]
         else:
             method = mame_attention(ratio=ratio, **settings)
-        error, ms = measure(method, num_merged)
+        error, ms = bench.error(method, num_merged), bench.milliseconds(method, num_merged, args.repeats)
         rows.append({"ratio": ratio, "family": family, "variant": label, "error": error, "ms": ms, "speedup": full_ms / ms})
 
     for ratio in args.ratios:
@@ -118,7 +105,14 @@ def main() -> None:
     print(table)
     payload = {
         "environment": environment(),
-        "setup": {"grid": hw, "channels": 320, "heads": 5, "batch": 2, "photos": list(photos), "full_ms": full_ms},
+        "setup": {
+            "grid": bench.hw,
+            "channels": 320,
+            "heads": 5,
+            "batch": 2,
+            "photos": list(bench.tokens),
+            "full_ms": full_ms,
+        },
         "rows": rows,
     }
     write_report(out / "ablation_layer", payload, table)

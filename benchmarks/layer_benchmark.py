@@ -19,17 +19,14 @@ from tqdm import tqdm
 
 from mame_diffusers import merge_layout
 from mame_diffusers.benchmarking.layer import (
+    LayerBench,
     full_attention,
     kv_pool_attention,
-    make_self_attention,
     mame_attention,
     pool_attention,
-    relative_error,
     tomesd_attention,
 )
-from mame_diffusers.benchmarking.photos import PHOTOS, photo_tokens
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-from mame_diffusers.benchmarking.timing import median_seconds
 
 # name -> builder of the layer method at a given ratio (peers take M from the caller).
 METHODS = {
@@ -54,29 +51,21 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_grad_enabled(False)
 
-    hw = (64, 64)
-    attn = make_self_attention()
-    tokens = {name: photo_tokens(name, hw) for name in PHOTOS}
-    references = {name: full_attention(attn, t, hw, 0) for name, t in tokens.items()}
-    timing_batch = torch.cat([tokens["astronaut"], tokens["coffee"]])
-
-    def seconds(method, num_merged: int) -> float:
-        return median_seconds(lambda: method(attn, timing_batch, hw, num_merged), repeats=args.repeats)
-
-    full_ms = 1e3 * seconds(full_attention, 0)
+    bench = LayerBench()
+    full_ms = bench.milliseconds(full_attention, 0, args.repeats)
     rows = [{"ratio": 0.0, "method": "full attention (SDPA)", "M": 4096, "error": 0.0, "ms": full_ms, "speedup": 1.0}]
     jobs = [(ratio, name) for ratio in args.ratios for name in args.methods]
     for ratio, name in tqdm(jobs, desc="layer benchmark"):
-        num_merged = merge_layout(hw, ratio).num_merged
+        num_merged = merge_layout(bench.hw, ratio).num_merged
         method = METHODS[name](ratio)
-        error = sum(relative_error(method(attn, t, hw, num_merged), references[n]) for n, t in tokens.items())
-        ms = 1e3 * seconds(method, num_merged)
+        error = bench.error(method, num_merged)
+        ms = bench.milliseconds(method, num_merged, args.repeats)
         rows.append(
             {
                 "ratio": ratio,
                 "method": name,
                 "M": num_merged,
-                "error": error / len(tokens),
+                "error": error,
                 "ms": ms,
                 "speedup": full_ms / ms,
             }
@@ -88,7 +77,8 @@ def main() -> None:
         {"ratio": ".2f", "error": ".4f", "ms": ".1f", "speedup": ".2f"},
     )
     print(table)
-    payload = {"environment": environment(), "setup": {"grid": hw, "channels": 320, "heads": 5, "batch": 2}, "rows": rows}
+    setup = {"grid": bench.hw, "channels": 320, "heads": 5, "batch": 2}
+    payload = {"environment": environment(), "setup": setup, "rows": rows}
     json_path, md_path = write_report(args.out, payload, table)
     print(f"\nwrote {json_path} and {md_path}")
 

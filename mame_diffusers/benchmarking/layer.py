@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ..diffusers_integration import MaMeProcessor, _GridTracker
+from .photos import PHOTOS, photo_tokens
+from .timing import median_seconds
 
 LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
 
@@ -96,3 +98,30 @@ def kv_pool_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int]
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     """``||estimate - reference|| / ||reference||`` over the whole tensor."""
     return float(torch.linalg.vector_norm(estimate - reference) / torch.linalg.vector_norm(reference))
+
+
+class LayerBench:
+    """The layer-fidelity setup of DESIGN.md section 5, shared by the layer benchmark and the
+    ablation study: one SD 2.1 full-resolution self-attention (random weights), tokens from
+    ``photos`` on a 64 x 64 grid, full attention as the reference, batch 2 for timing."""
+
+    def __init__(self, photos: tuple[str, ...] = PHOTOS, hw: tuple[int, int] = (64, 64)) -> None:
+        self.hw = hw
+        self.attn = make_self_attention()
+        self.tokens = {name: photo_tokens(name, hw) for name in photos}
+        self.references = {name: full_attention(self.attn, t, hw, 0) for name, t in self.tokens.items()}
+        # Two photos, as a classifier-free-guidance pair would be.
+        self.timing_batch = torch.cat([photo_tokens("astronaut", hw), photo_tokens("coffee", hw)])
+
+    def error(self, method: LayerMethod, num_merged: int) -> float:
+        """Relative error against full attention, averaged over the photos."""
+        errors = [
+            relative_error(method(self.attn, t, self.hw, num_merged), self.references[name])
+            for name, t in self.tokens.items()
+        ]
+        return sum(errors) / len(errors)
+
+    def milliseconds(self, method: LayerMethod, num_merged: int, repeats: int) -> float:
+        """Median time of one call on the timing batch."""
+        seconds = median_seconds(lambda: method(self.attn, self.timing_batch, self.hw, num_merged), repeats=repeats)
+        return 1e3 * seconds
