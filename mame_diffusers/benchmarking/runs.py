@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .. import DEFAULT_TAU
 from ..offline import offline_pipeline_components
 from .report import environment, markdown_table, write_report
+from .timing import synchronize
 from .unet import Method, baseline, call_like_a_pipeline, compare_unet, mame, tomesd_method
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
@@ -125,8 +126,7 @@ def time_pipeline(pipe, methods: list[Method], *, resolution: int, steps: int, s
                     generator=generator,
                     output_type="latent",
                 ).images
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(pipe.device)
             seconds = time.perf_counter() - start
         finally:
             method.unpatch(pipe.unet)

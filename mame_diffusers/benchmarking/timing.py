@@ -9,9 +9,10 @@ from typing import Callable
 import torch
 
 
-def _synchronize(device: torch.device | str | None) -> None:
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for ``device``'s queued kernels (CUDA runs asynchronously); a no-op elsewhere."""
     if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def median_seconds(
@@ -21,11 +22,11 @@ def median_seconds(
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        _synchronize(device)
+        synchronize(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            _synchronize(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)

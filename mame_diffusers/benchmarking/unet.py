@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..api import apply_mame, remove_mame
+from .timing import synchronize
 
 
 @dataclass
@@ -64,11 +65,6 @@ def call_like_a_pipeline(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch
     return unet(inputs["sample"], inputs["timestep"], **rest).sample
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def compare_unet(
     unet: torch.nn.Module,
     inputs: dict[str, Any],
@@ -95,10 +91,10 @@ def compare_unet(
             for method in methods:
                 method.patch(unet)
                 try:
-                    _sync(device)
+                    synchronize(device)
                     start = time.perf_counter()
                     out = call(unet, inputs)
-                    _sync(device)
+                    synchronize(device)
                     elapsed = time.perf_counter() - start
                 finally:
                     method.unpatch(unet)
