@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mame_diffusers import DEFAULT_RATIO
-from mame_diffusers.benchmarking.photos import photo_latents
+from mame_diffusers.benchmarking.photos import photo_latent_batch
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.benchmarking.runs import time_pipeline
 from mame_diffusers.benchmarking.unet import baseline, call_like_a_pipeline, compare_unet, mame, tomesd_method
@@ -37,7 +37,7 @@ def unet_methods(ratio: float, sdxl: bool) -> list:
 
 def latents_for(hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     try:
-        return torch.cat([photo_latents("astronaut", hw), photo_latents("coffee", hw)]).to(device, dtype)
+        return photo_latent_batch(hw).to(device, dtype)
     except ImportError:  # no scikit-image on the machine: noise has the same cost
         return torch.randn(2, 4, *hw, device=device, dtype=dtype)
 

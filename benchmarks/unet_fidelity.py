@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from mame_diffusers.benchmarking.photos import photo_latents
+from mame_diffusers.benchmarking.photos import photo_latent_batch
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.benchmarking.unet import baseline, compare_unet, mame, tomesd_method
 from mame_diffusers.offline import build_unet, unet_inputs
@@ -68,8 +68,7 @@ def main() -> None:
     latent = args.resolution // 8
     model = args.sweep.split("-")[0]
     unet = build_unet(model)
-    latents = torch.cat([photo_latents("astronaut", (latent, latent)), photo_latents("coffee", (latent, latent))])
-    inputs = unet_inputs(unet, (latent, latent), latents=latents)
+    inputs = unet_inputs(unet, (latent, latent), latents=photo_latent_batch((latent, latent)))
     methods = [baseline()] + [m for m in SWEEPS[args.sweep]() if m is not None]
     rows = compare_unet(unet, inputs, methods, repeats=args.repeats, warmup=1)
 

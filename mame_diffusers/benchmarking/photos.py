@@ -58,3 +58,10 @@ def photo_latents(name: str, hw: tuple[int, int], channels: int = 4, seed: int =
     latents = patches @ _patch_projection(8, channels, seed)
     latents = (latents - latents.mean()) / latents.std()
     return latents.transpose(1, 2).reshape(1, channels, height, width)
+
+
+def photo_latent_batch(hw: tuple[int, int], batch: int = 2, *, channels: int = 4, seed: int = 0) -> torch.Tensor:
+    """``(batch, channels, h, w)`` photo latents, astronaut and coffee in turn: at batch 2, the
+    pair of inputs a classifier-free-guidance UNet call gets."""
+    names = ("astronaut", "coffee")
+    return torch.cat([photo_latents(names[i % 2], hw, channels, seed) for i in range(batch)])

@@ -66,10 +66,9 @@ def _latents(pipe, resolution: int, batch: int, seed: int) -> torch.Tensor:
     """Latents with a photograph's statistics when scikit-image is there, else noise."""
     side = resolution // pipe.vae_scale_factor
     try:
-        from .photos import photo_latents
+        from .photos import photo_latent_batch
 
-        photos = ("astronaut", "coffee")
-        return torch.cat([photo_latents(photos[i % 2], (side, side), seed=seed) for i in range(batch)])
+        return photo_latent_batch((side, side), batch, seed=seed)
     except ImportError:
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(batch, pipe.unet.config.in_channels, side, side, generator=generator)
