@@ -269,17 +269,22 @@ def mame_token_merge(
 
     Returns ``None`` when ``ratio`` is too small to remove a row or column of the grid.
     """
+    # The 2-D grid the tokens merge on: the image grid, one frame's grid, or the space-time grid.
     if len(grid) == 2:
-        if merge_layout(grid, ratio, block=config.block, halo=config.halo).num_merged == grid[0] * grid[1]:
-            return None
+        hw = grid
+    elif config.video_grid == "per_frame":
+        hw = grid[1:]
+    else:
+        hw = (grid[1], grid[2] * grid[0])
+    if merge_layout(hw, ratio, block=config.block, halo=config.halo).num_merged == hw[0] * hw[1]:
+        return None
+    if len(grid) == 2:
         plan, merged = _merge_on_grid(patches, grid, sizes, ratio, config)
         return TokenMerge(merged, plan.sizes, plan.merged_hw, plan.restore)
     frames, height, width = grid
     batch, _, channels = patches.shape
     if config.video_grid == "per_frame":
         # Frames fold into the batch: each frame's H x W grid merges on its own.
-        if merge_layout((height, width), ratio, block=config.block, halo=config.halo).num_merged == height * width:
-            return None
         flat = patches.reshape(batch * frames, height * width, channels)
         flat_sizes = None if sizes is None else sizes.reshape(batch * frames, height * width)
         plan, merged = _merge_on_grid(flat, (height, width), flat_sizes, ratio, config)
@@ -293,10 +298,6 @@ def mame_token_merge(
 
     # Space-time: (t, h, w) order -> an H x (W*T) grid with time innermost; later merges see
     # only the merged 2-D grid. A permute, not an index op.
-    hw = (height, width * frames)
-    if merge_layout(hw, ratio, block=config.block, halo=config.halo).num_merged == height * width * frames:
-        return None
-
     def to_spacetime(tokens: torch.Tensor) -> torch.Tensor:
         tail = tokens.shape[2:]
         grid5 = tokens.reshape(batch, frames, height, width, *tail).movedim(1, 3)
