@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -595,31 +596,24 @@ class OperatorSettings:
     temperature: float | None
     straight_through: bool
 
+    @property
+    def operator_options(self) -> dict[str, Any]:
+        """The options as :func:`plan_merge` and :func:`check_merge_settings` take them."""
+        return {
+            "tau": self.tau,
+            "block": self.block,
+            "halo": self.halo,
+            "anchor": self.anchor,
+            "temperature": self.temperature,
+            "straight_through": self.straight_through,
+        }
+
     def check_operator_settings(self, ratio: float) -> float:
         """:func:`check_merge_settings` on these options at ``ratio``; returns ``tau`` as a float."""
-        return check_merge_settings(
-            ratio=ratio,
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-        )
+        return check_merge_settings(ratio=ratio, **self.operator_options)
 
     def plan(
         self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None = None
     ) -> MergePlan:
         """:func:`plan_merge` of ``tokens`` at ``ratio`` with these options."""
-        return plan_merge(
-            tokens,
-            hw,
-            ratio=ratio,
-            sizes=sizes,
-            tau=self.tau,
-            block=self.block,
-            halo=self.halo,
-            anchor=self.anchor,
-            temperature=self.temperature,
-            straight_through=self.straight_through,
-        )
+        return plan_merge(tokens, hw, ratio=ratio, sizes=sizes, **self.operator_options)
