@@ -175,7 +175,7 @@ def plot_tau(path: Path) -> None:
         slots = plan.restore(palette).reshape(64, 64, 3)
         rebuilt = plan.restore(plan.merge(pixels))
         rebuilt = torch.nn.functional.fold(rebuilt.transpose(1, 2), (512, 512), 8, stride=8)[0].permute(1, 2, 0)
-        moved = (plan.assignment.argmax(-1) != plan.layout.own_candidate_matrix("cpu", torch.float32).argmax(-1)).float().mean()
+        moved = (plan.assignment.float().argmax(-1) != plan.layout.own_candidate_matrix("cpu", torch.float32).argmax(-1)).float().mean()
         axes[0, column].imshow(slots.numpy(), interpolation="nearest")
         axes[0, column].set_title(f"tau={tau}\n{100 * moved:.0f}% of patches leave their cell", fontsize=10)
         axes[1, column].imshow(rebuilt.clamp(0, 1).numpy())

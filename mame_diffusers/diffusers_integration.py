@@ -40,7 +40,6 @@ from .merging import (
     DEFAULT_TAU,
     MergePlan,
     OperatorSettings,
-    proportional_attention_bias,
 )
 
 __all__ = [
@@ -68,6 +67,10 @@ DEFAULT_MAX_DOWNSAMPLE = 2
 DEFAULT_STACK_RATIO = 0.5
 #: A Transformer2DModel with at least this many blocks counts as a deep stack.
 DEFAULT_STACK_MIN_LAYERS = 4
+#: Self-attention over fewer tokens than this is left unmerged, per device type, when
+#: ``min_tokens`` is not given. On a GPU a small attention costs less than the kernels
+#: that would shorten it (benchmarks/results/gpu_h200.md); CPUs gain at every level.
+DEFAULT_MIN_TOKENS = {"cuda": 8192}
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 
@@ -86,6 +89,12 @@ class MaMeConfig(OperatorSettings):
     ``max_downsample`` counts from the highest-resolution level that has attention: ``1``
     merges only there (the full latent resolution on SD 1.x/2.x, as in tomesd; half of it
     on SDXL, whose first attention is one level down), ``2`` also one level lower, and so on.
+
+    ``min_tokens``: self-attention over fewer tokens is left as it was (``None``: per device
+    type, from GPU measurements: 8192 on CUDA, so that SD at 512 is left alone there; 0
+    elsewhere). ``reuse_plans``: within one UNet forward, the first self-attention of a level
+    plans the merge and every other one at that level (or in the same deep stack) reuses
+    that plan, instead of planning again.
 
     ``stack_ratio``: in deep transformer stacks (``Transformer2DModel`` with at least
     ``stack_min_layers`` blocks: SDXL's 10-layer stacks; SD 1.x/2.x have none), within
@@ -109,6 +118,8 @@ class MaMeConfig(OperatorSettings):
     proportional_attention: bool = True
     stack_ratio: float = DEFAULT_STACK_RATIO
     stack_min_layers: int = DEFAULT_STACK_MIN_LAYERS
+    min_tokens: int | None = None
+    reuse_plans: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", self.check_operator_settings(self.ratio))
@@ -124,6 +135,17 @@ class MaMeConfig(OperatorSettings):
         layers = self.stack_min_layers
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise ValueError(f"stack_min_layers must be a positive int, got {layers!r}")
+        tokens = self.min_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(f"min_tokens must be a non-negative int or None (chosen per device), got {tokens!r}")
+        if not isinstance(self.reuse_plans, bool):
+            raise ValueError(f"reuse_plans must be True or False, got {self.reuse_plans!r}")
+
+    def min_tokens_on(self, device: torch.device) -> int:
+        """The smallest self-attention (in tokens) that merges on ``device``."""
+        if self.min_tokens is not None:
+            return self.min_tokens
+        return DEFAULT_MIN_TOKENS.get(device.type, 0)
 
     @property
     def query_ratio(self) -> float:
@@ -156,17 +178,31 @@ class _GridTracker:
     #: The tokens entering the merged stack, and what they merged into.
     stack_input: torch.Tensor | None = None
     stack_merged: torch.Tensor | None = None
+    #: Merge plans made during this forward, shared by the self-attentions of one level
+    #: (``level_plans``) or of one merged stack (``stack_plans``), keyed by grid and ratio.
+    level_plans: dict = field(default_factory=dict)
+    stack_plans: dict = field(default_factory=dict)
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
         self.latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
         self.current_hw = None
         self.top_downsample = None
+        self.level_plans.clear()
         self.end_stack()
 
     def end_stack(self) -> None:
         self.stack_plan = self.stack_hw = self.current_sizes = None
         self.stack_input = self.stack_merged = None
+        self.stack_plans.clear()
+
+    def shared_plan(self, key: tuple, make: Callable[[], MergePlan]) -> MergePlan:
+        """The plan this forward already made for ``key`` at the current level, or ``make()``."""
+        plans = self.stack_plans if self.stack_plan is not None else self.level_plans
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = make()
+        return plan
 
     def on_transformer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -288,7 +324,7 @@ class MaMeProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        hw = self._grid_to_merge(attn, hidden_states, encoder_hidden_states)
+        hw = self._grid_to_attend(attn, hidden_states, encoder_hidden_states)
         if hw is None:
             if temb is not None:
                 kwargs["temb"] = temb
@@ -307,10 +343,11 @@ class MaMeProcessor:
 
     # -- which calls merge, and on which grid ----------------------------------------------
 
-    def _grid_to_merge(
+    def _grid_to_attend(
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
     ) -> tuple[int, int] | None:
-        if self.config.ratio == 0.0 or encoder_hidden_states is not None or attn.is_cross_attention:
+        """The token grid when this call takes the merged path, else ``None`` (fallback)."""
+        if encoder_hidden_states is not None or attn.is_cross_attention:
             return None
         if hidden_states.ndim == 4:
             hw = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
@@ -319,8 +356,28 @@ class MaMeProcessor:
             tokens = int(hidden_states.shape[1])
             hw = None
         if self._grid is not None:
-            return self._tracked_grid(hw, tokens)
-        return self._bare_grid(hw, tokens)
+            hw = self._tracked_grid(hw, tokens)
+            if hw is not None and self._grid.current_sizes is not None:
+                # Inside a merged stack: always the merged path, whose size bias keeps
+                # attention proportional (and empty slots weightless).
+                return hw
+        else:
+            hw = self._bare_grid(hw, tokens)
+        if hw is None or not self._merges(tokens, hidden_states.device):
+            return None
+        return hw
+
+    def _merges(self, tokens: int, device: torch.device) -> bool:
+        """Whether self-attention over ``tokens`` tokens merges them."""
+        return self.config.ratio > 0.0 and tokens >= self.config.min_tokens_on(device)
+
+    def _plan(
+        self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None
+    ) -> MergePlan:
+        """A merge plan for ``tokens``: made here, or shared with the level's other blocks."""
+        if self._grid is None or not self.config.reuse_plans:
+            return self.config.plan(tokens, hw, ratio, sizes)
+        return self._grid.shared_plan((hw, ratio), lambda: self.config.plan(tokens, hw, ratio, sizes))
 
     def _tracked_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
         grid = self._grid
@@ -333,8 +390,6 @@ class MaMeProcessor:
                 )
             hw = recorded
         if grid.current_sizes is not None:
-            # Inside a merged stack: always take the merged path, whose size bias keeps
-            # attention proportional (and empty slots weightless).
             return hw
         return hw if grid.within(hw, self.config.max_downsample) else None
 
@@ -378,14 +433,25 @@ class MaMeProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         config = self.config
-        sizes = self._grid.current_sizes if self._grid is not None else None
-        query_plan = config.plan(hidden_states, hw, config.query_ratio, sizes) if config.query_ratio > 0 else None
-        if config.query_share == 1.0 and query_plan is not None:
-            context_plan = query_plan
-        else:
-            context_plan = config.plan(hidden_states, hw, config.kv_ratio, sizes)
+        grid = self._grid
+        sizes = grid.current_sizes if grid is not None else None
+        query_plan = context_plan = None
+        if self._merges(hw[0] * hw[1], hidden_states.device):
+            if config.query_ratio > 0:
+                query_plan = self._plan(hidden_states, hw, config.query_ratio, sizes)
+            if config.query_share == 1.0 and query_plan is not None:
+                context_plan = query_plan
+            else:
+                context_plan = self._plan(hidden_states, hw, config.kv_ratio, sizes)
         queries = query_plan.merge(hidden_states) if query_plan is not None else hidden_states
-        context = queries if context_plan is query_plan else context_plan.merge(hidden_states)
+        if context_plan is None:
+            context = hidden_states
+        else:
+            context = queries if context_plan is query_plan else context_plan.merge(hidden_states)
+        # Keys stand for as many tokens as their slot (or, in a merged stack, their merged
+        # token) holds; the bias is made once per plan.
+        weights_plan = context_plan if context_plan is not None else grid.stack_plan
+        key_bias = weights_plan.attention_bias(hidden_states.dtype, proportional=config.proportional_attention)
 
         query = attn.to_q(queries)
         key = attn.to_k(context)
@@ -399,12 +465,11 @@ class MaMeProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        key_bias = proportional_attention_bias(
-            context_plan.sizes, query.dtype, proportional=config.proportional_attention
-        )[:, None, None, :]
         # SDPA accumulates in float32 already, so, like AttnProcessor2_0, nothing more is
         # needed for attn.upcast_attention.
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=key_bias.to(query.dtype)[:, None, None, :], scale=attn.scale
+        )
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -417,7 +482,9 @@ class MaMeProcessor:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # dividing by 1 would only cost a kernel
+            out = out / attn.rescale_output_factor
+        return out
 
 
 def _accepted_keywords(processor: Callable[..., Any]) -> set[str] | None:

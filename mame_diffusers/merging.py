@@ -25,6 +25,7 @@ graph. The merged length ``M`` never depends on the data.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,9 @@ class MergeLayout:
     ``block_h x block_w`` tokens; each block holds ``anchors_h x anchors_w`` anchor cells.
     The merged tokens form the ``merged_hw`` grid, row-major, so a merged tensor can itself
     be merged again.
+
+    A layout also keeps the constant matrices its merges use (per device and dtype), so that
+    planning runs no kernels to rebuild them: layouts are shared through :func:`merge_layout`.
     """
 
     height: int
@@ -151,6 +155,7 @@ class MergeLayout:
     anchors_w: int
     halo_h: int
     halo_w: int
+    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @property
     def num_tokens(self) -> int:
@@ -189,21 +194,67 @@ class MergeLayout:
     def num_candidates(self) -> int:
         return self.window_h * self.window_w
 
-    # -- static matrices -------------------------------------------------------------------
+    @property
+    def padded(self) -> bool:
+        """Whether the blocks reach past the grid (those positions hold no token)."""
+        return self.blocks_h * self.block_h != self.height or self.blocks_w * self.block_w != self.width
+
+    @property
+    def uniform_cells(self) -> bool:
+        """Whether every anchor cell has the same ``cell_h x cell_w`` tokens (no padding)."""
+        return not self.padded and self.block_h % self.anchors_h == 0 and self.block_w % self.anchors_w == 0
+
+    # -- constant matrices, built once per device and dtype ----------------------------------
+
+    def constant(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The layout's constant ``name`` (see :meth:`_build_constant`) on ``device`` in ``dtype``.
+
+        Built once and kept; while ``torch.compile`` traces, built inline so that the
+        compiler folds it into the graph as a constant.
+        """
+        if torch.compiler.is_compiling():
+            return self._build_constant(name, device, dtype)
+        key = (name, torch.device(device), dtype)
+        tensor = self._constants.get(key)
+        if tensor is None:
+            tensor = self._constants[key] = self._build_constant(name, device, dtype)
+        return tensor
+
+    def _build_constant(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name == "own_anchor":  # (T, kh*kw): which anchor cell of its block each token lies in
+            row, col = self._own_cell(device)
+            anchors = torch.arange(self.anchors_per_block, device=device)
+            return ((row * self.anchors_w + col)[:, None] == anchors[None, :]).to(dtype)
+        if name == "own_candidate":  # (T, K): the column of each token's own anchor among its candidates
+            row, col = self._own_cell(device)
+            cell = (row + self.halo_h) * self.window_w + col + self.halo_w
+            candidates = torch.arange(self.num_candidates, device=device)
+            return (cell[:, None] == candidates[None, :]).to(dtype)
+        if name == "present":  # (1, blocks, T): 1 for grid positions, 0 for block padding
+            return self.to_blocks(torch.ones(1, self.num_tokens, 1, device=device, dtype=dtype))[..., 0]
+        if name == "candidate_bias":
+            # (blocks, T, K) added to similarities: -inf for candidates that do not exist (past
+            # the grid, or cells of padding only), and a tie-break in favour of the own anchor
+            # far below any real difference of similarities.
+            present = self.constant("present", device, dtype)
+            counts = present @ self.constant("own_anchor", device, dtype)
+            valid = self.gather_windows(self.anchor_grid(counts[..., None]))[0, ..., 0] > 0
+            own_bonus = 64 * torch.finfo(dtype).eps * self.constant("own_candidate", device, dtype)
+            return torch.where(valid[:, None, :], own_bonus, torch.tensor(-math.inf, device=device, dtype=dtype))
+        if name == "own_floor":  # (T, K): 0 at the own anchor, -inf elsewhere
+            own = self.constant("own_candidate", device, dtype)
+            return torch.where(own > 0, torch.zeros_like(own), torch.full_like(own, -math.inf))
+        if name == "candidate_index":  # (K,): 0..K-1, to turn a best index into a one-hot row
+            return torch.arange(self.num_candidates, device=device, dtype=dtype)
+        raise KeyError(name)
 
     def own_anchor_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(T, kh*kw)`` 0/1 matrix: which anchor cell of its block each token lies in."""
-        row, col = self._own_cell(device)
-        cell = row * self.anchors_w + col
-        anchors = torch.arange(self.anchors_per_block, device=device)
-        return (cell[:, None] == anchors[None, :]).to(dtype)
+        return self.constant("own_anchor", device, dtype)
 
     def own_candidate_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(T, K)`` 0/1 matrix: the column of each token's own anchor among its candidates."""
-        row, col = self._own_cell(device)
-        cell = (row + self.halo_h) * self.window_w + col + self.halo_w
-        candidates = torch.arange(self.num_candidates, device=device)
-        return (cell[:, None] == candidates[None, :]).to(dtype)
+        return self.constant("own_candidate", device, dtype)
 
     def _own_cell(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         token = torch.arange(self.tokens_per_block, device=device)
@@ -237,82 +288,42 @@ class MergeLayout:
         grid = grid[:, : self.height, : self.width]
         return grid.reshape(batch, self.num_tokens, channels)
 
-    def merged_to_blocks(self, merged: torch.Tensor) -> torch.Tensor:
-        """``(B, M, C)`` merged grid -> ``(B, blocks_h, blocks_w, kh, kw, C)``."""
-        batch, channels = merged.shape[0], merged.shape[-1]
-        grid = merged.reshape(batch, self.blocks_h, self.anchors_h, self.blocks_w, self.anchors_w, channels)
-        return grid.permute(0, 1, 3, 2, 4, 5)
+    def anchor_grid(self, per_block: torch.Tensor) -> torch.Tensor:
+        """``(B, blocks, kh*kw, C)`` values of each block's anchor cells -> ``(B, Hm, Wm, C)``."""
+        batch, channels = per_block.shape[0], per_block.shape[-1]
+        grid = per_block.reshape(batch, self.blocks_h, self.blocks_w, self.anchors_h, self.anchors_w, channels)
+        return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, *self.merged_hw, channels)
 
-    def merged_from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`merged_to_blocks`."""
-        batch, channels = blocks.shape[0], blocks.shape[-1]
-        return blocks.permute(0, 1, 3, 2, 4, 5).reshape(batch, self.num_merged, channels)
+    def gather_windows(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(B, Hm, Wm, C)`` values on the merged grid -> ``(B, blocks, K, C)``: the candidates
+        of each block, a ``window_h x window_w`` window of anchor cells around it, row-major.
 
-    def gather_windows(self, anchor_blocks: torch.Tensor) -> torch.Tensor:
-        """``(B, bh, bw, kh, kw, C)`` anchors -> ``(B, blocks, K, C)`` candidates of each block.
-
-        A block's candidates are the anchors of a ``window_h x window_w`` window centred
-        on it, row-major; outside the grid they are zeros. Padding, slicing and
-        concatenation only.
+        Outside the grid they are zeros. One pad and a sliding-window view; the only copy is
+        the final layout.
         """
-        batch, channels = anchor_blocks.shape[0], anchor_blocks.shape[-1]
-        windows = _grow_windows(anchor_blocks, self.halo_h, axis=3)
-        windows = _grow_windows(windows, self.halo_w, axis=4)
-        return windows.reshape(batch, self.num_blocks, self.num_candidates, channels)
+        batch, channels = grid.shape[0], grid.shape[-1]
+        if self.halo_h or self.halo_w:
+            grid = F.pad(grid, (0, 0, self.halo_w, self.halo_w, self.halo_h, self.halo_h))
+        windows = grid.unfold(1, self.window_h, self.anchors_h).unfold(2, self.window_w, self.anchors_w)
+        # (B, blocks_h, blocks_w, C, window_h, window_w) -> (B, blocks, K, C)
+        return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, self.num_blocks, self.num_candidates, channels)
 
-    def scatter_windows(self, window_sums: torch.Tensor) -> torch.Tensor:
-        """Adjoint of :meth:`gather_windows`: ``(B, blocks, K, C)`` -> ``(B, bh, bw, kh, kw, C)``.
+    def scatter_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`gather_windows`: ``(B, blocks, K, C)`` -> ``(B, M, C)``.
 
-        Sums what every window sent to each anchor: an overlap-add over shifted slices, not
-        an index scatter. What falls outside the grid is dropped (always zero, since those
-        candidates are invalid).
+        Sums what every window holds for each anchor cell (an overlap-add, ``F.fold``); what
+        falls outside the grid is dropped.
         """
-        batch, channels = window_sums.shape[0], window_sums.shape[-1]
-        windows = window_sums.reshape(
-            batch, self.blocks_h, self.blocks_w, self.window_h, self.window_w, channels
+        batch, channels = windows.shape[0], windows.shape[-1]
+        columns = windows.permute(0, 3, 2, 1).reshape(batch, channels * self.num_candidates, self.num_blocks)
+        grid = F.fold(
+            columns,
+            self.merged_hw,
+            kernel_size=(self.window_h, self.window_w),
+            stride=(self.anchors_h, self.anchors_w),
+            padding=(self.halo_h, self.halo_w),
         )
-        anchors = _shrink_windows(windows, self.halo_w, axis=4)
-        return _shrink_windows(anchors, self.halo_h, axis=3)
-
-
-def _grow_windows(blocks: torch.Tensor, halo: int, axis: int) -> torch.Tensor:
-    """Extend every block along ``axis`` (3: rows, 4: columns of anchor cells) by ``halo``
-    cells taken from the neighbouring blocks (zeros beyond the grid)."""
-    if halo == 0:
-        return blocks
-    block_axis = axis - 2
-    count, size = blocks.shape[block_axis], blocks.shape[axis]
-    # Block i gets the last cells of block i-1 before it and the first of block i+1 after.
-    before = blocks.narrow(axis, size - halo, halo).narrow(block_axis, 0, count - 1)
-    after = blocks.narrow(axis, 0, halo).narrow(block_axis, 1, count - 1)
-    before = F.pad(before, _pad_spec(blocks.ndim, block_axis, 1, 0))
-    after = F.pad(after, _pad_spec(blocks.ndim, block_axis, 0, 1))
-    return torch.cat([before, blocks, after], dim=axis)
-
-
-def _shrink_windows(windows: torch.Tensor, halo: int, axis: int) -> torch.Tensor:
-    """Adjoint of :func:`_grow_windows`: add each window's halo back onto the neighbours."""
-    if halo == 0:
-        return windows
-    block_axis = axis - 2
-    count = windows.shape[block_axis]
-    size = windows.shape[axis] - 2 * halo
-    total = windows.narrow(axis, halo, size).clone()
-    # What block i+1 saw before itself belongs to the last cells of block i, and what
-    # block i-1 saw after itself to the first cells of block i: in-place adds on slices.
-    before = windows.narrow(axis, 0, halo).narrow(block_axis, 1, count - 1)
-    after = windows.narrow(axis, halo + size, halo).narrow(block_axis, 0, count - 1)
-    total.narrow(block_axis, 0, count - 1).narrow(axis, size - halo, halo).add_(before)
-    total.narrow(block_axis, 1, count - 1).narrow(axis, 0, halo).add_(after)
-    return total
-
-
-def _pad_spec(ndim: int, axis: int, before: int, after: int | None = None) -> tuple[int, ...]:
-    """``F.pad`` argument that pads only ``axis`` of an ``ndim`` tensor."""
-    after = before if after is None else after
-    spec = [0, 0] * (ndim - axis)
-    spec[-2], spec[-1] = before, after
-    return tuple(spec)
+        return grid.flatten(2).transpose(1, 2)
 
 
 def merge_layout(
@@ -325,7 +336,8 @@ def merge_layout(
     """The static geometry for merging an ``H x W`` grid by ``ratio``.
 
     ``M = layout.num_merged`` satisfies ``1 <= M <= round(N * (1 - ratio))`` and depends on
-    ``(H, W, ratio, block, halo)`` only.
+    ``(H, W, ratio, block, halo)`` only. Equal arguments give the same (shared) layout, which
+    keeps its constant matrices.
     """
     if len(hw) != 2:
         raise ValueError(f"hw must be a (height, width) pair, got {hw!r}")
@@ -333,6 +345,13 @@ def merge_layout(
     if height < 1 or width < 1:
         raise ValueError(f"the token grid must be at least 1x1, got {height}x{width}")
     check_merge_settings(ratio=ratio, tau=0.0, block=block, halo=halo)
+    if torch.compiler.is_compiling():  # traced once per shape anyway; dynamo skips caches
+        return _layout.__wrapped__(height, width, float(ratio), block, halo)
+    return _layout(height, width, float(ratio), block, halo)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(height: int, width: int, ratio: float, block: int | None, halo: int) -> MergeLayout:
     num_tokens = height * width
     budget = max(1, round(num_tokens * (1.0 - ratio)))
     if budget >= num_tokens:
@@ -365,21 +384,27 @@ class MergePlan:
 
     Build it with :func:`plan_merge`. ``merge`` and ``restore`` apply to any tensor laid
     out like the tokens the plan was made from (hidden states, or queries, keys and values
-    separately), with any number of channels.
+    separately), with any number of channels. A plan can be reused for other tensors on the
+    same grid: in a UNet, one plan per level serves every block of that level.
     """
 
     layout: MergeLayout
     #: ``(B, blocks, T, K)``: how much of each token goes to each candidate anchor
-    #: (one-hot rows in hard mode, row-stochastic in soft mode). Restoring uses it as is.
+    #: (boolean one-hot rows in hard mode, row-stochastic floats in soft mode). Restoring
+    #: uses it as is.
     assignment: torch.Tensor
-    #: ``assignment`` scaled by each token's weight (its size; 0 for grid padding):
-    #: merging uses it.
+    #: ``assignment`` times each token's weight (its size; 0 for grid padding), divided by
+    #: the size of the slot it goes to: merging with it gives slot means directly, as convex
+    #: combinations that cannot overflow in half precision.
     merge_weights: torch.Tensor
     #: ``(B, M)``: how many tokens each merged slot stands for; 0 for an empty slot.
     sizes: torch.Tensor
     # The planned tokens in block layout, so that merging them again skips one reshuffle.
     _source: torch.Tensor | None = field(default=None, repr=False)
     _source_blocks: torch.Tensor | None = field(default=None, repr=False)
+    # ``sizes`` clamped away from 0, as merging divides by them.
+    _clamped_sizes: torch.Tensor | None = field(default=None, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_merged(self) -> int:
@@ -398,16 +423,26 @@ class MergePlan:
         else:
             blocks = self.layout.to_blocks(tokens)
         sums = self.merge_weights.to(tokens.dtype).transpose(-1, -2) @ blocks
-        merged = self.layout.merged_from_blocks(self.layout.scatter_windows(sums))
-        # Empty slots have zero sums: dividing by a clamped size keeps them at zero, not NaN.
-        divisor = self.sizes.clamp_min(torch.finfo(self.sizes.dtype).tiny)
-        return merged / divisor[..., None].to(tokens.dtype)
+        return self.layout.scatter_windows(sums).contiguous()
 
     def restore(self, merged: torch.Tensor) -> torch.Tensor:
         """MaRe: ``(B, M, C')`` -> ``(B, N, C')``; every token receives its slot's value."""
         self._check(merged, self.layout.num_merged, "restore")
-        candidates = self.layout.gather_windows(self.layout.merged_to_blocks(merged))
+        grid = merged.reshape(merged.shape[0], *self.merged_hw, merged.shape[-1])
+        candidates = self.layout.gather_windows(grid)
         return self.layout.from_blocks(self.assignment.to(merged.dtype) @ candidates)
+
+    def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
+        """:func:`proportional_attention_bias` of the sizes, ``(B, M)``; computed once per plan."""
+        key = (dtype, proportional)
+        bias = self._biases.get(key)
+        if bias is None:
+            if proportional and self._clamped_sizes is not None:
+                bias = self._clamped_sizes.log().to(dtype)  # the same, from the clamp merging made
+            else:
+                bias = proportional_attention_bias(self.sizes, dtype, proportional=proportional)
+            self._biases[key] = bias
+        return bias
 
     def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
         expected = (self.assignment.shape[0], length)
@@ -476,55 +511,99 @@ def plan_merge(
         )
     if sizes is not None and tuple(sizes.shape) != (batch, num_tokens):
         raise ValueError(f"sizes must have shape {(batch, num_tokens)}, got {tuple(sizes.shape)}")
+    return plan_on_layout(
+        x, layout, tau=tau, anchor=anchor, temperature=temperature, straight_through=straight_through, sizes=sizes
+    )
 
+
+def plan_on_layout(
+    x: torch.Tensor,
+    layout: MergeLayout,
+    *,
+    tau: float,
+    anchor: str,
+    temperature: float | None,
+    straight_through: bool,
+    sizes: torch.Tensor | None = None,
+) -> MergePlan:
+    """:func:`plan_merge` on a ready layout, with settings already checked: the hot path."""
+    batch = x.shape[0]
     dtype, device = x.dtype, x.device
-    ones = x.new_ones(batch, num_tokens, 1) if sizes is None else sizes[..., None].to(dtype)
-    token_weights = layout.to_blocks(ones)[..., 0]
+    # Similarities are compared in at least float32: the own anchor's tie-break is finer
+    # than half precision.
+    score_dtype = torch.promote_types(dtype, torch.float32)
     token_blocks = layout.to_blocks(x)
-    own = layout.own_anchor_matrix(device, dtype)
-    own_candidate = layout.own_candidate_matrix(device, dtype)
+    if sizes is not None:
+        token_weights = layout.to_blocks(sizes[..., None].to(dtype))[..., 0]
+    elif layout.padded:
+        token_weights = layout.constant("present", device, dtype)
+    else:
+        token_weights = None  # every token weighs 1
 
-    # Anchors: one token per cell, or the cell's size-weighted sum; only their direction
-    # matters for cosine, so they are normalised (small: M x C) before being spread to the
-    # candidate windows.
-    weighted = token_blocks if sizes is None else token_blocks * token_weights[..., None]
-    padded = layout.num_blocks * layout.tokens_per_block != num_tokens
-    present = (token_weights > 0)[..., None].to(dtype) if sizes is not None or padded else None
-    pick = _anchor_picker(own, anchor, present)
-    anchor_sums = pick.transpose(-1, -2) @ (weighted if anchor == "pooled" else token_blocks)
-    anchor_counts = token_weights @ own
-    grid_shape = (batch, layout.blocks_h, layout.blocks_w, layout.anchors_h, layout.anchors_w)
-    anchors = F.normalize(anchor_sums, dim=-1).reshape(*grid_shape, -1)
-    candidates = layout.gather_windows(anchors)
-    candidate_counts = layout.gather_windows(anchor_counts.reshape(*grid_shape, 1))[..., 0]
+    # Anchors, normalised on the (small) merged grid, then spread to the candidate windows.
+    anchors = _anchors(x, token_blocks, token_weights, layout, anchor)
+    candidates = layout.gather_windows(F.normalize(anchors, dim=-1))
+    # Token norms are left out: they scale a token's row, which leaves its best candidate as
+    # it is. Scores are similarities times the token norm.
+    similarity = token_blocks @ candidates.transpose(-1, -2)
+    score = similarity + layout.constant("candidate_bias", device, score_dtype)
+    if sizes is not None:
+        # Cells whose tokens all weigh 0 have no anchor.
+        counts = token_weights @ layout.own_anchor_matrix(device, dtype)
+        exists = layout.gather_windows(layout.anchor_grid(counts[..., None]))[..., 0] > 0
+        score = torch.where(exists[:, :, None, :], score, torch.full_like(score, -math.inf))
 
-    # Cosine similarity; dividing the (T x K) products by token norms is cheaper than
-    # normalising the (T x C) tokens.
-    token_norms = torch.linalg.vector_norm(token_blocks, dim=-1, keepdim=True)
-    similarity = (token_blocks @ candidates.transpose(-1, -2)) / token_norms.clamp_min(1e-6)
-    valid = (candidate_counts > 0)[..., None, :]
-    similarity = torch.where(valid, similarity, torch.full_like(similarity, _INVALID_SIMILARITY))
-
-    hard = _hard_assignment(similarity, own_candidate, tau)
+    needs_norms = temperature is not None or -1.0 < tau < 1.0 and tau != 0.0
+    token_norms = torch.linalg.vector_norm(token_blocks, dim=-1, keepdim=True) if needs_norms else None
+    hard = _hard_assignment(score, layout, tau, token_norms)
     if temperature is None:
         assignment = hard
     else:
-        allowed = ((similarity >= tau) & (tau < 1.0)) | (own_candidate > 0)
-        logits = torch.where(allowed, similarity / temperature, torch.full_like(similarity, -math.inf))
-        soft = torch.softmax(logits.float(), dim=-1).to(dtype)
+        cosine = similarity / token_norms.clamp_min(1e-6)
+        own = layout.own_candidate_matrix(device, dtype) > 0
+        allowed = (((cosine >= tau) & (tau < 1.0)) | own) & (score > -math.inf)
+        logits = torch.where(allowed, cosine / temperature, torch.full_like(cosine, -math.inf))
+        soft = torch.softmax(logits.to(score_dtype), dim=-1).to(dtype)
         assignment = hard + (soft - soft.detach()) if straight_through else soft
 
-    merge_weights = assignment * token_weights[..., None]
-    block_sizes = merge_weights.sum(dim=-2)
-    merged_sizes = layout.merged_from_blocks(layout.scatter_windows(block_sizes[..., None]))[..., 0]
+    weighted = assignment if token_weights is None else assignment * token_weights[..., None]
+    slot_sizes = layout.scatter_windows(weighted.sum(dim=-2, dtype=score_dtype)[..., None])
+    # Each token's share of its slot's mean. Empty slots receive nothing, so the clamp that
+    # keeps their reciprocal finite never shows.
+    clamped = slot_sizes.clamp_min(torch.finfo(score_dtype).tiny)
+    inverse_windows = layout.gather_windows(clamped.reciprocal().reshape(batch, *layout.merged_hw, 1))
+    merge_weights = (weighted * inverse_windows.transpose(-1, -2)).to(dtype)
     return MergePlan(
         layout=layout,
         assignment=assignment,
         merge_weights=merge_weights,
-        sizes=merged_sizes,
+        sizes=slot_sizes[..., 0],
         _source=x,
         _source_blocks=token_blocks,
+        _clamped_sizes=clamped[..., 0],
     )
+
+
+def _anchors(
+    x: torch.Tensor,
+    token_blocks: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    layout: MergeLayout,
+    anchor: str,
+) -> torch.Tensor:
+    """``(B, Hm, Wm, C)``: each cell's anchor (its picked token, or its weighted sum)."""
+    if anchor == "strided" and token_weights is None and layout.uniform_cells:
+        # Equal cells: the middle token of every cell is one strided view of the grid.
+        cell_h, cell_w = layout.block_h // layout.anchors_h, layout.block_w // layout.anchors_w
+        row, col = divmod((cell_h * cell_w + 1) // 2 - 1, cell_w)
+        rows_m, cols_m = layout.merged_hw
+        return x.reshape(x.shape[0], rows_m, cell_h, cols_m, cell_w, x.shape[-1])[:, :, row, :, col]
+    own = layout.own_anchor_matrix(x.device, x.dtype)
+    present = None if token_weights is None else (token_weights > 0)[..., None].to(x.dtype)
+    pick = _anchor_picker(own, anchor, present)
+    if anchor == "pooled" and token_weights is not None:
+        token_blocks = token_blocks * token_weights[..., None]
+    return layout.anchor_grid(pick.transpose(-1, -2) @ token_blocks)
 
 
 def _anchor_picker(own: torch.Tensor, anchor: str, present: torch.Tensor | None) -> torch.Tensor:
@@ -548,18 +627,28 @@ def _anchor_picker(own: torch.Tensor, anchor: str, present: torch.Tensor | None)
     return (rank == target).to(own.dtype)
 
 
-def _hard_assignment(similarity: torch.Tensor, own_candidate: torch.Tensor, tau: float) -> torch.Tensor:
-    """One-hot rows by comparison: the best anchor if it reaches ``tau``, else the own one.
+def _hard_assignment(
+    score: torch.Tensor, layout: MergeLayout, tau: float, token_norms: torch.Tensor | None
+) -> torch.Tensor:
+    """Boolean one-hot rows by comparison: the best anchor if it reaches ``tau``, else the own one.
 
-    Ties go to the own anchor, then to the first candidate in order. ``tau = 1`` keeps
-    every token in its own cell, even next to an identical anchor (plain pool/unpool).
+    ``score`` is similarity times token norm, with the own anchor's tie-break added, so ties
+    go to the own anchor, then to the first candidate in order. Raising the own anchor's
+    score to ``tau`` (times the norm) makes it win whenever no other anchor reaches ``tau``.
+    ``tau = 1`` keeps every token in its own cell, even next to an identical anchor (plain
+    pool/unpool).
     """
-    best = similarity.amax(dim=-1, keepdim=True)
-    own_similarity = (similarity * own_candidate).sum(dim=-1, keepdim=True)
-    stay = (own_similarity >= best) | (best < tau) | (tau >= 1.0)
-    is_best = similarity >= best
-    first_best = is_best & (is_best.cumsum(dim=-1) == 1)
-    return torch.where(stay, own_candidate, first_best.to(similarity.dtype))
+    device = score.device
+    if tau >= 1.0:
+        own = layout.own_candidate_matrix(device, score.dtype) > 0
+        return own.expand(*score.shape[:2], *own.shape)
+    if tau > -1.0:
+        floor = layout.constant("own_floor", device, score.dtype)
+        if tau != 0.0:
+            floor = floor + tau * token_norms.to(score.dtype)
+        score = torch.maximum(score, floor)
+    best = score.argmax(dim=-1, keepdim=True)
+    return best == layout.constant("candidate_index", device, best.dtype)
 
 
 def proportional_attention_bias(
@@ -568,17 +657,17 @@ def proportional_attention_bias(
     """Additive key bias ``log(size)`` for proportional attention.
 
     A slot that stands for ``k`` tokens then weighs like ``k`` tokens in the softmax. Empty
-    slots (size 0) get a large negative, finite bias: no weight, and never NaN (a fully
-    ``-inf`` row would make the softmax NaN). ``proportional=False`` keeps only that mask:
-    every non-empty slot gets 0, whatever its size. Returns a tensor shaped like ``sizes``.
+    slots (size 0) get ``log`` of the smallest normal float32 (about -87, a weight of
+    1e-38): no weight, and never NaN, neither in the softmax (a fully ``-inf`` row would be
+    NaN) nor in gradients. ``proportional=False`` keeps only that mask: every non-empty slot
+    gets 0, whatever its size. Returns a tensor shaped like ``sizes``.
     """
     dtype = dtype or sizes.dtype
-    floor = torch.full_like(sizes, torch.finfo(dtype).min / 2)
+    sizes = sizes.to(torch.promote_types(sizes.dtype, torch.float32))  # half's tiny is not small
+    tiny = torch.finfo(sizes.dtype).tiny
     if proportional:
-        present = sizes.clamp_min(torch.finfo(sizes.dtype).tiny).log()
-    else:
-        present = torch.zeros_like(sizes)
-    return torch.where(sizes > 0, present, floor).to(dtype)
+        return sizes.clamp_min(tiny).log().to(dtype)
+    return torch.where(sizes > 0, 0.0, math.log(tiny)).to(dtype)
 
 
 class OperatorSettings:

@@ -279,13 +279,39 @@ def test_bare_processor_assumes_square_grids_and_refuses_others():
 def test_bare_processor_matches_apply_on_square_latents():
     unet = build_unet("tiny-sd", seed=0)
     inputs = unet_inputs(unet, (16, 16))
-    apply_mame(unet, ratio=0.5, max_downsample=1)
+    # A bare processor cannot share plans between blocks: compare with apply_mame planning
+    # in every block too.
+    apply_mame(unet, ratio=0.5, max_downsample=1, reuse_plans=False)
     applied = run(unet, inputs)
     remove_mame(unet)
     unet.set_attn_processor(MaMeProcessor(ratio=0.5, max_downsample=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(run(unet, inputs), applied)
+
+
+@pytest.mark.parametrize("name,levels", [("tiny-sd", 2), ("tiny-sdxl", 2)])
+def test_one_plan_per_level_per_forward(monkeypatch, name, levels):
+    unet = build_unet(name, seed=0)
+    inputs = unet_inputs(unet, (16, 16))
+    made = []
+    plan = MaMeConfig.plan
+    monkeypatch.setattr(MaMeConfig, "plan", lambda self, *args, **kwargs: made.append(args[1]) or plan(self, *args, **kwargs))
+    apply_mame(unet, ratio=0.5, max_downsample=2, stack_ratio=0.0)
+    shared = run(unet, inputs)
+    assert len(made) == levels, made
+    made.clear()
+    run(unet, inputs)
+    assert len(made) == levels  # plans do not outlive their forward
+    blocks = len([m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"])
+    apply_mame(unet, ratio=0.5, max_downsample=2, stack_ratio=0.0, reuse_plans=False)
+    made.clear()
+    separate = run(unet, inputs)
+    assert len(made) == blocks > levels
+    # Sharing a plan changes which tokens merge in later blocks, not the size of the change.
+    reference = run(remove_mame(unet), inputs)
+    error = lambda out: float((out - reference).norm() / reference.norm())  # noqa: E731
+    assert error(shared) < 2 * error(separate) + 1e-3
 
 
 # -- torch.compile -------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def test_similar_tokens_leave_their_cell_below_tau_only():
     x[:, :, 2::4, :] = torch.tensor([0.0, 1.0])
     x = x.reshape(1, 64, 2)
     merged_pure = plan_merge(x, (8, 8), ratio=0.75, tau=-1.0, block=None)
-    assert torch.equal(merged_pure.restore(merged_pure.merge(x)), x)
+    # Means are taken as weighted sums with weights 1/size: exact up to rounding.
+    torch.testing.assert_close(merged_pure.restore(merged_pure.merge(x)), x, rtol=0, atol=1e-6)
     kept_in_cells = plan_merge(x, (8, 8), ratio=0.75, tau=1.0, block=None)
     assert not torch.equal(kept_in_cells.restore(kept_in_cells.merge(x)), x)
 
@@ -218,7 +219,7 @@ def test_proportional_bias_is_log_size(dtype):
     bias = proportional_attention_bias(sizes, dtype)
     assert bias.dtype == dtype
     torch.testing.assert_close(bias[0, 1:].float(), torch.log(sizes[0, 1:]), rtol=1e-2, atol=1e-3)
-    assert bias[0, 0] < -1e4 and torch.isfinite(bias).all()
+    assert bias[0, 0] < -80 and torch.isfinite(bias).all()
     mask_only = proportional_attention_bias(sizes, dtype, proportional=False)
     assert mask_only.dtype == dtype and (mask_only[0, 1:] == 0).all()
     assert mask_only[0, 0] == bias[0, 0]
