@@ -93,7 +93,12 @@ def unet_inputs(
     text_length: int = 77,
 ) -> dict[str, Any]:
     """Keyword arguments for one UNet call: latents, a timestep, text embeddings and, for
-    SDXL-style UNets, the added ``text_embeds``/``time_ids`` conditioning."""
+    SDXL-style UNets, the added ``text_embeds``/``time_ids`` conditioning.
+
+    Every tensor is on the UNet's device (floating ones in its dtype, the timestep an
+    integer), whatever device ``latents`` come on; random ones are drawn on the CPU, so
+    they are the same on every device for a given ``seed``.
+    """
     config = unet.config
     param = next(unet.parameters())
     generator = torch.Generator().manual_seed(seed)
@@ -104,7 +109,7 @@ def unet_inputs(
     cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
     inputs: dict[str, Any] = {
         "sample": latents.to(param),
-        "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "timestep": torch.full((batch,), 500, dtype=torch.long, device=param.device),
         "encoder_hidden_states": torch.randn(batch, text_length, cross_dim, generator=generator).to(param),
     }
     if config.addition_embed_type == "text_time":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import sys
@@ -25,12 +26,23 @@ def environment(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
     if dtype is not None:
         info["dtype"] = str(dtype).replace("torch.", "")
     for package in ("diffusers", "transformers", "tomesd"):
-        try:
-            module = __import__(package)
-            info[package] = getattr(module, "__version__", "unknown")
-        except ImportError:
-            info[package] = None
+        info[package] = package_version(package)
     return info
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``; ``None`` when it cannot be imported.
+
+    Read from the package's metadata first: tomesd, for one, has no ``__version__``.
+    """
+    try:
+        __import__(package)
+    except ImportError:
+        return None
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree
+        return getattr(sys.modules[package], "__version__", "unknown")
 
 
 def _cpu_name() -> str:
@@ -60,13 +72,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], forma
     return "\n".join(lines)
 
 
-def write_report(path: str | Path, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
-    """Write ``payload`` as JSON and ``table`` as Markdown next to it (``path`` without suffix)."""
+def write_report(path: str | Path, payload: dict[str, Any], table: str, *, header: bool = True) -> tuple[Path, Path]:
+    """Write ``payload`` as JSON and ``table`` as Markdown next to it (``path`` without suffix),
+    the Markdown after a line naming the device and the command unless ``header=False``
+    (for a report that writes its own)."""
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     env = payload.get("environment", {})
-    header = f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; command: `{env.get('command', '?')}`\n\n"
-    md_path.write_text(header + table + "\n")
+    first = f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; command: `{env.get('command', '?')}`\n\n"
+    md_path.write_text((first if header else "") + table + "\n")
     return json_path, md_path

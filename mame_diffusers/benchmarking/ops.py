@@ -1,0 +1,84 @@
+"""Counting the ATen operations that do work: a device-free proxy for GPU kernel launches.
+
+On a GPU at batch 2, a Stable Diffusion UNet is bound by kernel launches, so every
+operation the merge adds is added wall time. The profiler on a CPU sees the same operator
+calls a GPU run launches kernels for; views, reshapes, empties, dtype queries and no-op
+dropout launch nothing and are not counted. Only top-level calls count (an ``aten::linear``
+is one, not its ``addmm`` inside).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+#: Operators that launch no kernel of their own (metadata only, or no-ops at inference).
+NO_WORK = frozenset(
+    f"aten::{name}"
+    for name in (
+        "view",
+        "reshape",
+        "_reshape_alias",
+        "_unsafe_view",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "expand_as",
+        "slice",
+        "select",
+        "narrow",
+        "unfold",
+        "flatten",
+        "unflatten",
+        "as_strided",
+        "t",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "result_type",
+        "promote_types",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "dropout",
+    )
+)
+
+
+_COPIES = frozenset({"aten::clone", "aten::_to_copy", "aten::copy_"})
+
+
+def work_ops(fn: Callable[[], object]) -> Counter:
+    """``{op name: calls}`` of the top-level ATen operations ``fn()`` runs that do work.
+
+    ``aten::contiguous`` and ``aten::to`` count only when they copy (then they call
+    ``aten::clone``/``aten::_to_copy`` below them).
+    """
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter = Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::") or _inside_aten(event):
+            continue
+        if event.name in ("aten::contiguous", "aten::to", "aten::reshape"):
+            if not any(child.name in _COPIES for child in event.cpu_children):
+                continue  # a view of its input
+            counts["aten::copy (" + event.name[6:] + ")"] += 1
+        elif event.name not in NO_WORK:
+            counts[event.name] += 1
+    return counts
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
