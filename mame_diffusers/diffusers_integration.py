@@ -243,7 +243,7 @@ class _StackMerge:
         hidden = args[0] if args else kwargs["hidden_states"]
         if hw is None or hidden.ndim != 3 or not self.grid.within(hw, self.config.max_downsample):
             return None
-        plan = self.config.plan(hidden, hw, self.config.stack_ratio)
+        plan = self.config.plan_on(hidden, self.config.layout(hw, "stack_ratio"))
         merged = plan.merge(hidden)
         self.grid.stack_plan, self.grid.stack_hw = plan, hw
         self.grid.current_hw, self.grid.current_sizes = plan.merged_hw, plan.sizes
@@ -372,12 +372,18 @@ class MaMeProcessor:
         return self.config.ratio > 0.0 and tokens >= self.config.min_tokens_on(device)
 
     def _plan(
-        self, tokens: torch.Tensor, hw: tuple[int, int], ratio: float, sizes: torch.Tensor | None
+        self, tokens: torch.Tensor, hw: tuple[int, int], ratio_name: str, sizes: torch.Tensor | None
     ) -> MergePlan:
-        """A merge plan for ``tokens``: made here, or shared with the level's other blocks."""
-        if self._grid is None or not self.config.reuse_plans:
-            return self.config.plan(tokens, hw, ratio, sizes)
-        return self._grid.shared_plan((hw, ratio), lambda: self.config.plan(tokens, hw, ratio, sizes))
+        """A merge plan for ``tokens`` at the config's ``ratio_name``: made here, or shared
+        with the other blocks of this level."""
+        config = self.config
+
+        def make() -> MergePlan:
+            return config.plan_on(tokens, config.layout(hw, ratio_name), sizes)
+
+        if self._grid is None or not config.reuse_plans:
+            return make()
+        return self._grid.shared_plan((hw, ratio_name), make)
 
     def _tracked_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
         grid = self._grid
@@ -438,11 +444,11 @@ class MaMeProcessor:
         query_plan = context_plan = None
         if self._merges(hw[0] * hw[1], hidden_states.device):
             if config.query_ratio > 0:
-                query_plan = self._plan(hidden_states, hw, config.query_ratio, sizes)
+                query_plan = self._plan(hidden_states, hw, "query_ratio", sizes)
             if config.query_share == 1.0 and query_plan is not None:
                 context_plan = query_plan
             else:
-                context_plan = self._plan(hidden_states, hw, config.kv_ratio, sizes)
+                context_plan = self._plan(hidden_states, hw, "kv_ratio", sizes)
         queries = query_plan.merge(hidden_states) if query_plan is not None else hidden_states
         if context_plan is None:
             context = hidden_states

@@ -25,6 +25,7 @@ graph. The merged length ``M`` never depends on the data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -311,10 +312,19 @@ class MergeLayout:
     def scatter_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """Adjoint of :meth:`gather_windows`: ``(B, blocks, K, C)`` -> ``(B, M, C)``.
 
-        Sums what every window holds for each anchor cell (an overlap-add, ``F.fold``); what
-        falls outside the grid is dropped.
+        Sums what every window holds for each anchor cell (an overlap-add); what falls
+        outside the grid is dropped. Eagerly one ``F.fold`` (two kernels). While
+        ``torch.compile`` traces, shifted slice additions instead: inductor's lowering of
+        ``F.fold`` with these strides wrote out of bounds (torch 2.13, CPU), and the slices
+        fuse into the surrounding kernels anyway.
         """
         batch, channels = windows.shape[0], windows.shape[-1]
+        if torch.compiler.is_compiling():
+            windows = windows.reshape(
+                batch, self.blocks_h, self.blocks_w, self.window_h, self.window_w, channels
+            )
+            cells = _overlap_add(_overlap_add(windows, self.halo_w, axis=4), self.halo_h, axis=3)
+            return cells.permute(0, 1, 3, 2, 4, 5).reshape(batch, self.num_merged, channels)
         columns = windows.permute(0, 3, 2, 1).reshape(batch, channels * self.num_candidates, self.num_blocks)
         grid = F.fold(
             columns,
@@ -324,6 +334,24 @@ class MergeLayout:
             padding=(self.halo_h, self.halo_w),
         )
         return grid.flatten(2).transpose(1, 2)
+
+
+def _overlap_add(windows: torch.Tensor, halo: int, axis: int) -> torch.Tensor:
+    """Fold one axis of ``(B, bh, bw, wh, ww, C)`` windows (3: rows, 4: columns of anchor
+    cells) back onto the blocks: each window's halo is added onto the neighbouring block."""
+    if halo == 0:
+        return windows
+    block_axis = axis - 2
+    count = windows.shape[block_axis]
+    size = windows.shape[axis] - 2 * halo
+    total = windows.narrow(axis, halo, size).clone()
+    # What block i+1 saw before itself belongs to the last cells of block i, and what
+    # block i-1 saw after itself to the first cells of block i: in-place adds on slices.
+    before = windows.narrow(axis, 0, halo).narrow(block_axis, 1, count - 1)
+    after = windows.narrow(axis, halo + size, halo).narrow(block_axis, 0, count - 1)
+    total.narrow(block_axis, 0, count - 1).narrow(axis, size - halo, halo).add_(before)
+    total.narrow(block_axis, 1, count - 1).narrow(axis, 0, halo).add_(after)
+    return total
 
 
 def merge_layout(
@@ -706,3 +734,33 @@ class OperatorSettings:
     ) -> MergePlan:
         """:func:`plan_merge` of ``tokens`` at ``ratio`` with these options."""
         return plan_merge(tokens, hw, ratio=ratio, sizes=sizes, **self.operator_options)
+
+    def plan_on(self, tokens: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None = None) -> MergePlan:
+        """:func:`plan_on_layout` with these (already checked) options: the hot path."""
+        return plan_on_layout(
+            tokens,
+            layout,
+            tau=self.tau,
+            anchor=self.anchor,
+            temperature=self.temperature,
+            straight_through=self.straight_through,
+            sizes=sizes,
+        )
+
+    def layout(self, hw: tuple[int, int], ratio_name: str) -> MergeLayout:
+        """The merge layout of an ``hw`` grid at the ratio this config names ``ratio_name``.
+
+        While ``torch.compile`` traces, the layout's integers are computed outside the
+        trace: dynamo turns a float setting that changed since the last compile (a new
+        ratio applied to a compiled model) into a symbolic value, which the layout's
+        integer arithmetic cannot take.
+        """
+        if torch.compiler.is_compiling():
+            return MergeLayout(*_constant_layout_fields(self, hw, ratio_name))
+        return merge_layout(hw, getattr(self, ratio_name), block=self.block, halo=self.halo)
+
+
+@torch.compiler.assume_constant_result
+def _constant_layout_fields(settings: OperatorSettings, hw: tuple[int, int], ratio_name: str) -> tuple[int, ...]:
+    layout = merge_layout(hw, getattr(settings, ratio_name), block=settings.block, halo=settings.halo)
+    return tuple(getattr(layout, f.name) for f in dataclasses.fields(layout) if f.init)

@@ -295,8 +295,8 @@ def test_one_plan_per_level_per_forward(monkeypatch, name, levels):
     unet = build_unet(name, seed=0)
     inputs = unet_inputs(unet, (16, 16))
     made = []
-    plan = MaMeConfig.plan
-    monkeypatch.setattr(MaMeConfig, "plan", lambda self, *args, **kwargs: made.append(args[1]) or plan(self, *args, **kwargs))
+    plan_on = MaMeConfig.plan_on
+    monkeypatch.setattr(MaMeConfig, "plan_on", lambda self, *args: made.append(args[1]) or plan_on(self, *args))
     apply_mame(unet, ratio=0.5, max_downsample=2, stack_ratio=0.0)
     shared = run(unet, inputs)
     assert len(made) == levels, made
@@ -324,6 +324,63 @@ def test_compiles_into_one_graph(tiny_unet):
         assert_one_graph(tiny_unet, **inputs)
     finally:
         remove_mame(tiny_unet)
+
+
+def test_a_new_ratio_on_a_compiled_unet_recompiles_and_matches_eager(tiny_unet):
+    # Dynamo turns a float that changed since the last compile into a symbolic value; the
+    # merge layout is computed outside the trace, so a new ratio is a recompile, not an error.
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_unet, backend="eager", fullgraph=True)
+    try:
+        for ratio in (0.5, 0.75, 0.3):
+            apply_mame(tiny_unet, ratio=ratio, max_downsample=2)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(**inputs).sample, tiny_unet(**inputs).sample)
+    finally:
+        remove_mame(tiny_unet)
+        torch._dynamo.reset()
+
+
+def test_min_tokens_leaves_small_attention_alone(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    reference = run(tiny_unet, inputs)
+    # The tiny UNet attends over 256 and 64 tokens.
+    apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_tokens=257)
+    try:
+        assert torch.equal(run(tiny_unet, inputs), reference)
+        apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_tokens=256)
+        top_only = run(tiny_unet, inputs)
+        apply_mame(tiny_unet, ratio=0.5, max_downsample=1)
+        assert torch.equal(top_only, run(tiny_unet, inputs))
+        assert not torch.equal(top_only, reference)
+    finally:
+        remove_mame(tiny_unet)
+
+
+def test_a_merged_self_attention_runs_few_operations():
+    from diffusers.models.attention_processor import Attention
+
+    from mame_diffusers.benchmarking.ops import work_ops
+
+    attention = Attention(320, heads=5, dim_head=64)
+    attention.set_processor(MaMeProcessor())
+    x = torch.randn(2, 64 * 64, 320)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attention(x)  # builds the layout's constants once
+        counts = work_ops(lambda: attention(x))
+    # Stock AttnProcessor2_0 runs 6 (four projections, attention, the output rescale).
+    assert sum(counts.values()) - counts["aten::copy (reshape)"] <= 25, counts
+
+
+def test_min_tokens_default_depends_on_the_device():
+    config = MaMeConfig()
+    assert config.min_tokens_on(torch.device("cpu")) == 0
+    assert config.min_tokens_on(torch.device("cuda")) > 4096  # SD at 512 is left alone on GPUs
+    assert MaMeConfig(min_tokens=0).min_tokens_on(torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match="min_tokens"):
+        MaMeConfig(min_tokens=-1)
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -314,3 +314,55 @@ def test_grid_that_does_not_match_the_tokens_raises():
         plan.merge(torch.randn(1, 15, 4))
     with pytest.raises(ValueError, match="restore expects"):
         plan.restore(torch.randn(2, plan.num_merged, 4))
+
+
+# -- cost: what a GPU launches ---------------------------------------------------------------
+
+
+def test_plan_and_merge_run_few_operations():
+    # On a GPU at batch 2 every operation is a kernel launch, and launches are what a
+    # Stable Diffusion UNet is bound by: the operator's count is its cost there.
+    from mame_diffusers import MaMeConfig
+    from mame_diffusers.benchmarking.ops import work_ops
+
+    x = torch.randn(2, 64 * 64, 32)
+    ratio = MaMeConfig().kv_ratio
+    with torch.inference_mode():
+        plan_merge(x, (64, 64), ratio=ratio)  # builds the layout's constants once
+        counts = work_ops(lambda: plan_merge(x, (64, 64), ratio=ratio).merge(x))
+        reused, other = plan_merge(x, (64, 64), ratio=ratio), torch.randn_like(x)
+        merge_counts = work_ops(lambda: reused.merge(other))
+    copies = counts["aten::copy (reshape)"]
+    assert sum(counts.values()) - copies <= 20, counts  # 96 before, reshape copies not counted
+    assert sum(counts.values()) <= 24, counts
+    # Merging another tensor with a ready plan (the other blocks of a UNet level): to
+    # blocks, one product, the overlap-add (a copy and a fold), a contiguous result.
+    assert sum(merge_counts.values()) <= 5, merge_counts
+
+
+def test_half_precision_merge_does_not_overflow_where_the_mean_fits():
+    x = (100 + torch.randn(1, 64 * 64, 8)).half()
+    plan = plan_merge(x, (64, 64), ratio=0.99, block=None)
+    merged = plan.merge(x)
+    assert torch.isfinite(merged).all()
+    # Slot means, weighted by slot sizes, average back to the mean of all tokens.
+    total = (merged.float() * plan.sizes[..., None]).sum(1) / plan.sizes.sum()
+    torch.testing.assert_close(total, x.float().mean(1), rtol=1e-3, atol=0)
+
+
+def test_compiled_operator_matches_eager():
+    # Inductor once lowered F.fold with these window strides to out-of-bounds writes; the
+    # compiled path takes slice additions instead, and must compute the same thing.
+    x = torch.randn(2, 16 * 16, 8)
+
+    def merge_and_restore(tokens):
+        plan = plan_merge(tokens, (16, 16), ratio=0.75, block=8, halo=2)
+        return plan.restore(plan.merge(tokens) * 2), plan.sizes
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(merge_and_restore, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    for got, expected in zip(compiled, merge_and_restore(x)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
