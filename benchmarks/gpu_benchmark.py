@@ -144,7 +144,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``'min_tokens=4096'`` or ``'ratio=0.9,query_share=1'`` -> settings for apply_mame."""
+    """``'min_latent_tokens=0'`` or ``'ratio=0.9,query_share=1'`` -> settings for apply_mame."""
     settings = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = pair.partition("=")
@@ -316,7 +316,7 @@ class Report:
             ("## 1. Operator: plan + merge, and one self-attention (C = 320, 5 heads, batch 2, random tokens)",
              "ms per call (median); kernels per call (one profiled call). `MaMe` is `MaMeProcessor()` with "
              "its defaults (which may leave small attention unmerged on a GPU: `MaMe merged`); `forced-merge` "
-             "is the same with `min_tokens=0`. M_kv: tokens keys and values merge to.",
+             "is the same with `min_latent_tokens=0`. M_kv: tokens keys and values merge to.",
              self.operator_table()),
             ("## 2. Eager UNet: speed-up over stock (relative error of the noise prediction vs stock)",
              "One patched copy per method, called round by round; median of the timed rounds.", self.eager_summary()),
@@ -606,9 +606,9 @@ class Benchmark:
             try:
                 forced = _self_attention().to(self.device, self.dtype)
                 forced.load_state_dict(stock_attn.state_dict())
-                forced.set_processor(MaMeProcessor(config=MaMeConfig(min_tokens=0)))
+                forced.set_processor(MaMeProcessor(config=MaMeConfig(min_latent_tokens=0)))
                 attns["forced"] = forced
-            except TypeError as error:  # no min_tokens setting in this version
+            except TypeError as error:  # no min_latent_tokens setting in this version
                 row["forced-merge attn ms"] = None
                 self.note(f"operator: no forced-merge column ({_describe(error)})")
             times = self.interleaved_ms({k: (lambda a=a, x=x: a(x)) for k, a in attns.items()}, calls, samples)
@@ -895,7 +895,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mame-variant", type=parse_variant, action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-        help="an extra MaMe method for the eager UNet sections, e.g. min_tokens=4096 or ratio=0.9 (repeatable)",
+        help="an extra MaMe method for the eager UNet sections, e.g. min_latent_tokens=0 or ratio=0.9 (repeatable)",
     )
     parser.add_argument("--only", help="comma-separated parts of section names to run, e.g. 'operator,SD 2.1 512'")
     parser.add_argument(

@@ -67,10 +67,14 @@ DEFAULT_MAX_DOWNSAMPLE = 2
 DEFAULT_STACK_RATIO = 0.5
 #: A Transformer2DModel with at least this many blocks counts as a deep stack.
 DEFAULT_STACK_MIN_LAYERS = 4
-#: Self-attention over fewer tokens than this is left unmerged, per device type, when
-#: ``min_tokens`` is not given. On a GPU a small attention costs less than the kernels
-#: that would shorten it (benchmarks/results/gpu_h200.md); CPUs gain at every level.
-DEFAULT_MIN_TOKENS = {"cuda": 8192}
+#: Per device type, when ``min_latent_tokens`` is not given: UNet calls with fewer latent
+#: tokens in the batch (batch x latent height x width) than this run unmerged. Measured on an
+#: H200 (benchmarks/results/gpu_h200_run1): below it an eager SD forward is bound by kernel
+#: launches (~52 ms from 512 to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging
+#: can only add launches; at 2048 (batch 2) or 1024 (batch 8), the GPU bounds it and merging
+#: pays (1.96x, 1.28x). CPUs gain at every size; under ``torch.compile`` launches are
+#: fused or graphed away, so no threshold applies there either.
+DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536}
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 
@@ -90,9 +94,11 @@ class MaMeConfig(OperatorSettings):
     merges only there (the full latent resolution on SD 1.x/2.x, as in tomesd; half of it
     on SDXL, whose first attention is one level down), ``2`` also one level lower, and so on.
 
-    ``min_tokens``: self-attention over fewer tokens is left as it was (``None``: per device
-    type, from GPU measurements: 8192 on CUDA, so that SD at 512 is left alone there; 0
-    elsewhere). ``reuse_plans``: within one UNet forward, the first self-attention of a level
+    ``min_latent_tokens``: a UNet call merges only when its batch holds at least this many
+    latent tokens (batch x latent height x width); smaller calls run exactly as without
+    MaMe. ``None`` chooses per device from measurements: 65536 for eager CUDA (1024x1024 at
+    batch 8, 2048x2048 at batch 2: smaller calls are bound by kernel launches on a GPU),
+    0 under ``torch.compile`` and on CPUs. ``reuse_plans``: within one UNet forward, the first self-attention of a level
     plans the merge and every other one at that level (or in the same deep stack) reuses
     that plan, instead of planning again.
 
@@ -118,7 +124,7 @@ class MaMeConfig(OperatorSettings):
     proportional_attention: bool = True
     stack_ratio: float = DEFAULT_STACK_RATIO
     stack_min_layers: int = DEFAULT_STACK_MIN_LAYERS
-    min_tokens: int | None = None
+    min_latent_tokens: int | None = None
     reuse_plans: bool = True
 
     def __post_init__(self) -> None:
@@ -135,17 +141,23 @@ class MaMeConfig(OperatorSettings):
         layers = self.stack_min_layers
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise ValueError(f"stack_min_layers must be a positive int, got {layers!r}")
-        tokens = self.min_tokens
+        tokens = self.min_latent_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
-            raise ValueError(f"min_tokens must be a non-negative int or None (chosen per device), got {tokens!r}")
+            raise ValueError(
+                f"min_latent_tokens must be a non-negative int or None (chosen per device), got {tokens!r}"
+            )
         if not isinstance(self.reuse_plans, bool):
             raise ValueError(f"reuse_plans must be True or False, got {self.reuse_plans!r}")
 
-    def min_tokens_on(self, device: torch.device) -> int:
-        """The smallest self-attention (in tokens) that merges on ``device``."""
-        if self.min_tokens is not None:
-            return self.min_tokens
-        return DEFAULT_MIN_TOKENS.get(device.type, 0)
+    def merges_call(self, latent_tokens: int, device: torch.device) -> bool:
+        """Whether a UNet call with ``latent_tokens`` (batch x latent height x width) on
+        ``device`` merges at all."""
+        if self.ratio == 0.0 and self.stack_ratio == 0.0:
+            return False
+        threshold = self.min_latent_tokens
+        if threshold is None:
+            threshold = 0 if torch.compiler.is_compiling() else DEFAULT_MIN_LATENT_TOKENS.get(device.type, 0)
+        return latent_tokens >= threshold
 
     @property
     def query_ratio(self) -> float:
@@ -182,6 +194,8 @@ class _GridTracker:
     #: (``level_plans``) or of one merged stack (``stack_plans``), keyed by grid and ratio.
     level_plans: dict = field(default_factory=dict)
     stack_plans: dict = field(default_factory=dict)
+    #: Whether this forward merges at all (``MaMeConfig.merges_call``).
+    merging: bool = True
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -241,7 +255,7 @@ class _StackMerge:
     def before_first_block(self, block: torch.nn.Module, args: tuple, kwargs: dict):
         hw = self.grid.current_hw
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hw is None or hidden.ndim != 3 or not self.grid.within(hw, self.config.max_downsample):
+        if not self.grid.merging or hw is None or hidden.ndim != 3 or not self.grid.within(hw, self.config.max_downsample):
             return None
         plan = self.config.plan_on(hidden, self.config.layout(hw, "stack_ratio"))
         merged = plan.merge(hidden)
@@ -356,20 +370,19 @@ class MaMeProcessor:
             tokens = int(hidden_states.shape[1])
             hw = None
         if self._grid is not None:
+            if not self._grid.merging:
+                return None
             hw = self._tracked_grid(hw, tokens)
             if hw is not None and self._grid.current_sizes is not None:
                 # Inside a merged stack: always the merged path, whose size bias keeps
                 # attention proportional (and empty slots weightless).
                 return hw
         else:
+            # A bare processor cannot see the latent: its own batch of tokens stands in.
+            if not self.config.merges_call(hidden_states.shape[0] * tokens, hidden_states.device):
+                return None
             hw = self._bare_grid(hw, tokens)
-        if hw is None or not self._merges(tokens, hidden_states.device):
-            return None
-        return hw
-
-    def _merges(self, tokens: int, device: torch.device) -> bool:
-        """Whether self-attention over ``tokens`` tokens merges them."""
-        return self.config.ratio > 0.0 and tokens >= self.config.min_tokens_on(device)
+        return hw if self.config.ratio > 0.0 else None
 
     def _plan(
         self, tokens: torch.Tensor, hw: tuple[int, int], ratio_name: str, sizes: torch.Tensor | None
@@ -442,7 +455,7 @@ class MaMeProcessor:
         grid = self._grid
         sizes = grid.current_sizes if grid is not None else None
         query_plan = context_plan = None
-        if self._merges(hw[0] * hw[1], hidden_states.device):
+        if config.ratio > 0.0:
             if config.query_ratio > 0:
                 query_plan = self._plan(hidden_states, hw, "query_ratio", sizes)
             if config.query_share == 1.0 and query_plan is not None:
@@ -525,6 +538,12 @@ class _Patch:
         if not self.warned_replaced:
             self._check_processors(module)
         self.grid.on_unet(module, args, kwargs)
+        sample = args[0] if args else kwargs.get("sample")
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            batch, _, height, width = sample.shape
+            self.grid.merging = self.config.merges_call(batch * height * width, sample.device)
+        else:
+            self.grid.merging = True
 
     def _check_processors(self, module: torch.nn.Module) -> None:
         # One identity test per patched module (a few dozen), no tensor work: cheap, and

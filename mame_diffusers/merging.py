@@ -133,9 +133,10 @@ def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
     return best[2], best[3]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: dynamo cannot rebuild frozen dataclasses made in a graph
 class MergeLayout:
     """Static geometry of a merge; every field follows from shapes and settings alone.
+    Treat it as immutable: layouts are shared.
 
     The token grid (``height x width``) is padded to ``blocks_h x blocks_w`` blocks of
     ``block_h x block_w`` tokens; each block holds ``anchors_h x anchors_w`` anchor cells.
@@ -156,7 +157,7 @@ class MergeLayout:
     anchors_w: int
     halo_h: int
     halo_w: int
-    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _constants: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_tokens(self) -> int:

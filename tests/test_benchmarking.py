@@ -79,10 +79,10 @@ def _gpu_benchmark():
 
 def test_mame_variants_parse_to_settings():
     bench = _gpu_benchmark()
-    assert bench.parse_variant("min_tokens=4096") == {"min_tokens": 4096}
+    assert bench.parse_variant("min_latent_tokens=4096") == {"min_latent_tokens": 4096}
     assert bench.parse_variant("ratio=0.9,query_share=1") == {"ratio": 0.9, "query_share": 1}
-    assert bench.parse_variant("min_tokens=None, reuse_plans=False, anchor=pooled") == {
-        "min_tokens": None, "reuse_plans": False, "anchor": "pooled",
+    assert bench.parse_variant("min_latent_tokens=None, reuse_plans=False, anchor=pooled") == {
+        "min_latent_tokens": None, "reuse_plans": False, "anchor": "pooled",
     }
     with pytest.raises(Exception, match="key=value"):
         bench.parse_variant("4096")

@@ -342,20 +342,29 @@ def test_a_new_ratio_on_a_compiled_unet_recompiles_and_matches_eager(tiny_unet):
         torch._dynamo.reset()
 
 
-def test_min_tokens_leaves_small_attention_alone(tiny_unet):
-    inputs = unet_inputs(tiny_unet, (16, 16))
+def test_small_calls_run_unmerged_below_min_latent_tokens(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))  # batch 2 x 16 x 16 = 512 latent tokens
     reference = run(tiny_unet, inputs)
-    # The tiny UNet attends over 256 and 64 tokens.
-    apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_tokens=257)
+    apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_latent_tokens=513)
     try:
         assert torch.equal(run(tiny_unet, inputs), reference)
-        apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_tokens=256)
-        top_only = run(tiny_unet, inputs)
-        apply_mame(tiny_unet, ratio=0.5, max_downsample=1)
-        assert torch.equal(top_only, run(tiny_unet, inputs))
-        assert not torch.equal(top_only, reference)
+        apply_mame(tiny_unet, ratio=0.5, max_downsample=2, min_latent_tokens=512)
+        merged = run(tiny_unet, inputs)
+        apply_mame(tiny_unet, ratio=0.5, max_downsample=2)
+        assert torch.equal(merged, run(tiny_unet, inputs))  # on a CPU the default merges
+        assert not torch.equal(merged, reference)
     finally:
         remove_mame(tiny_unet)
+
+
+def test_deep_stacks_run_unmerged_below_min_latent_tokens(tiny_sdxl_unet):
+    inputs = unet_inputs(tiny_sdxl_unet, (16, 16))
+    reference = run(tiny_sdxl_unet, inputs)
+    apply_mame(tiny_sdxl_unet, ratio=0.5, min_latent_tokens=10**6)
+    try:
+        assert torch.equal(run(tiny_sdxl_unet, inputs), reference)
+    finally:
+        remove_mame(tiny_sdxl_unet)
 
 
 def test_a_merged_self_attention_runs_few_operations():
@@ -374,13 +383,15 @@ def test_a_merged_self_attention_runs_few_operations():
     assert sum(counts.values()) - counts["aten::copy (reshape)"] <= 25, counts
 
 
-def test_min_tokens_default_depends_on_the_device():
+def test_min_latent_tokens_default_depends_on_the_device():
     config = MaMeConfig()
-    assert config.min_tokens_on(torch.device("cpu")) == 0
-    assert config.min_tokens_on(torch.device("cuda")) > 4096  # SD at 512 is left alone on GPUs
-    assert MaMeConfig(min_tokens=0).min_tokens_on(torch.device("cuda")) == 0
-    with pytest.raises(ValueError, match="min_tokens"):
-        MaMeConfig(min_tokens=-1)
+    # Measured on an H200: batch 2 at 1024x1024 (2 x 128 x 128 latent tokens) is launch-bound.
+    assert not config.merges_call(2 * 128 * 128, torch.device("cuda"))
+    assert config.merges_call(8 * 128 * 128, torch.device("cuda"))
+    assert config.merges_call(2 * 32 * 32, torch.device("cpu"))
+    assert MaMeConfig(min_latent_tokens=0).merges_call(1, torch.device("cuda"))
+    with pytest.raises(ValueError, match="min_latent_tokens"):
+        MaMeConfig(min_latent_tokens=-1)
 
 
 # -- errors --------------------------------------------------------------------------------
