@@ -72,8 +72,9 @@ DEFAULT_STACK_MIN_LAYERS = 4
 #: H200 (benchmarks/results/gpu_h200_run1): below it an eager SD forward is bound by kernel
 #: launches (~52 ms from 512 to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging
 #: can only add launches; at 2048 (batch 2) or 1024 (batch 8), the GPU bounds it and merging
-#: pays (1.96x, 1.28x). CPUs gain at every size; under ``torch.compile`` launches are
-#: fused or graphed away, so no threshold applies there either.
+#: pays (1.96x, 1.27x). Compiled with inductor's default mode, SD 2.1 768 at batch 2 was
+#: still faster unmerged (merging: 0.90x, gpu_h200_run3_compiled), so the threshold holds
+#: there too. CPUs gain at every size.
 DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536}
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
@@ -96,9 +97,9 @@ class MaMeConfig(OperatorSettings):
 
     ``min_latent_tokens``: a UNet call merges only when its batch holds at least this many
     latent tokens (batch x latent height x width); smaller calls run exactly as without
-    MaMe. ``None`` chooses per device from measurements: 65536 for eager CUDA (1024x1024 at
-    batch 8, 2048x2048 at batch 2: smaller calls are bound by kernel launches on a GPU),
-    0 under ``torch.compile`` and on CPUs. ``reuse_plans``: within one UNet forward, the first self-attention of a level
+    MaMe. ``None`` chooses per device from measurements: 65536 on CUDA (1024x1024 at batch
+    8, 2048x2048 at batch 2: smaller calls are bound by kernel launches on a GPU), 0 on
+    CPUs. ``reuse_plans``: within one UNet forward, the first self-attention of a level
     plans the merge and every other one at that level (or in the same deep stack) reuses
     that plan, instead of planning again.
 
@@ -148,6 +149,7 @@ class MaMeConfig(OperatorSettings):
             )
         if not isinstance(self.reuse_plans, bool):
             raise ValueError(f"reuse_plans must be True or False, got {self.reuse_plans!r}")
+        self.remember_layout_settings("query_ratio", "kv_ratio", "stack_ratio")
 
     def merges_call(self, latent_tokens: int, device: torch.device) -> bool:
         """Whether a UNet call with ``latent_tokens`` (batch x latent height x width) on
@@ -156,7 +158,7 @@ class MaMeConfig(OperatorSettings):
             return False
         threshold = self.min_latent_tokens
         if threshold is None:
-            threshold = 0 if torch.compiler.is_compiling() else DEFAULT_MIN_LATENT_TOKENS.get(device.type, 0)
+            threshold = DEFAULT_MIN_LATENT_TOKENS.get(device.type, 0)
         return latent_tokens >= threshold
 
     @property

@@ -748,20 +748,28 @@ class OperatorSettings:
             sizes=sizes,
         )
 
+    def remember_layout_settings(self, *ratio_names: str) -> None:
+        """Write down, as text, what :meth:`layout` needs for each of ``ratio_names`` (call
+        it once the settings are checked, e.g. in ``__post_init__``)."""
+        keys = {name: f"{float(getattr(self, name))!r},{self.block!r},{self.halo!r}" for name in ratio_names}
+        object.__setattr__(self, "_layout_settings", keys)
+
     def layout(self, hw: tuple[int, int], ratio_name: str) -> MergeLayout:
         """The merge layout of an ``hw`` grid at the ratio this config names ``ratio_name``.
 
-        While ``torch.compile`` traces, the layout's integers are computed outside the
-        trace: dynamo turns a float setting that changed since the last compile (a new
-        ratio applied to a compiled model) into a symbolic value, which the layout's
-        integer arithmetic cannot take.
+        While ``torch.compile`` traces, the layout is computed outside the trace from the
+        settings written down as text: dynamo turns a float or int setting that changed
+        since the last compile (a new ratio applied to a compiled model) into a symbolic
+        value, which the layout's integer arithmetic cannot take; text stays a constant.
         """
         if torch.compiler.is_compiling():
-            return MergeLayout(*_constant_layout_fields(self, hw, ratio_name))
+            return MergeLayout(*_constant_layout_fields(tuple(hw), self._layout_settings[ratio_name]))
         return merge_layout(hw, getattr(self, ratio_name), block=self.block, halo=self.halo)
 
 
 @torch.compiler.assume_constant_result
-def _constant_layout_fields(settings: OperatorSettings, hw: tuple[int, int], ratio_name: str) -> tuple[int, ...]:
-    layout = merge_layout(hw, getattr(settings, ratio_name), block=settings.block, halo=settings.halo)
+def _constant_layout_fields(hw: tuple[int, int], settings: str) -> tuple[int, ...]:
+    """:func:`merge_layout`'s fields for ``settings`` = ``"ratio,block,halo"`` (reprs)."""
+    ratio, block, halo = settings.split(",")
+    layout = merge_layout(hw, float(ratio), block=None if block == "None" else int(block), halo=int(halo))
     return tuple(getattr(layout, f.name) for f in dataclasses.fields(layout) if f.init)
