@@ -1,4 +1,4 @@
-"""Layer fidelity and speed of one SD 2.1 full-resolution self-attention (DESIGN.md section 5).
+"""Layer fidelity and speed of one SD 2.1 full-resolution self-attention (docs/operator.md, section 5).
 
 Tokens come from real photographs (scikit-image), cut into 8x8 patches on a 64x64 grid and
 projected to 320 channels; the layer is a diffusers ``Attention`` (5 heads of 64) with

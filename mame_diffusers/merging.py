@@ -4,7 +4,7 @@ This module is the operator and nothing else: pure tensor math on ``(B, N, C)`` 
 tensors laid out row-major on an ``H x W`` grid. It imports neither diffusers nor
 transformers.
 
-The formulation (see ``DESIGN.md`` of the project and arXiv 2604.13432):
+The formulation (``docs/operator.md``; the method is from arXiv 2604.13432):
 
 1. **Anchors.** The grid is cut into blocks; each block holds a fixed ``kh x kw`` grid of
    anchor cells. A cell's anchor is its middle token (or a random token, or the mean of

@@ -1,4 +1,4 @@
-"""The matrix-only contract (DESIGN.md section 4): ops the merge path must never run."""
+"""The matrix-only contract (docs/operator.md, section 2): ops the merge path must never run."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class LayerBench:
-    """The layer-fidelity setup of DESIGN.md section 5, shared by the layer benchmark and the
+    """The layer-fidelity setup of docs/operator.md (section 5), shared by the layer benchmark and the
     ablation study: one SD 2.1 full-resolution self-attention (random weights), tokens from
     ``photos`` on a 64 x 64 grid, full attention as the reference, batch 2 for timing."""
 
