@@ -3,49 +3,49 @@
 The operator lives in :mod:`mame_diffusers.merging` (pure tensor math); the diffusers
 integration in :mod:`mame_diffusers.diffusers_integration`; the transformers vision-model
 integration in :mod:`mame_diffusers.transformers_integration`.
+
+Names are imported on first use: ``import mame_diffusers.merging`` (the operator alone)
+does not pull in diffusers or transformers, which take seconds to import.
 """
 
-from .api import apply_mame, remove_mame
-from .diffusers_integration import DEFAULT_RATIO, MaMeConfig, MaMeProcessor
-from .merging import (
-    DEFAULT_BLOCK,
-    DEFAULT_HALO,
-    DEFAULT_TAU,
-    MergePlan,
-    merge_layout,
-    plan_merge,
-    proportional_attention_bias,
-)
-from .transformers_integration import VisionMaMeConfig, merge_history, visualize_merges
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it
+_EXPORTS = {
+    "apply_mame": "api",
+    "remove_mame": "api",
+    "DEFAULT_RATIO": "diffusers_integration",
+    "MaMeConfig": "diffusers_integration",
+    "MaMeProcessor": "diffusers_integration",
+    "DEFAULT_BLOCK": "merging",
+    "DEFAULT_HALO": "merging",
+    "DEFAULT_TAU": "merging",
+    "MergePlan": "merging",
+    "merge_layout": "merging",
+    "plan_merge": "merging",
+    "proportional_attention_bias": "merging",
+    "VisionMaMeConfig": "transformers_integration",
+    "merge_history": "transformers_integration",
+    "visualize_merges": "transformers_integration",
+    "StableDiffusionMaMePipeline": "pipeline_stable_diffusion_mame",
+}
 
-def __getattr__(name: str):
-    # The pipeline pulls in diffusers' whole Stable Diffusion stack (and CLIP from
-    # transformers): import it on first use, not with the package.
-    if name == "StableDiffusionMaMePipeline":
-        from .pipeline_stable_diffusion_mame import StableDiffusionMaMePipeline
-
-        return StableDiffusionMaMePipeline
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "DEFAULT_BLOCK",
-    "DEFAULT_HALO",
-    "DEFAULT_RATIO",
-    "DEFAULT_TAU",
-    "MaMeConfig",
-    "MaMeProcessor",
-    "MergePlan",
-    "StableDiffusionMaMePipeline",
-    "VisionMaMeConfig",
-    "apply_mame",
-    "merge_history",
-    "merge_layout",
-    "plan_merge",
-    "proportional_attention_bias",
-    "remove_mame",
-    "visualize_merges",
-]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

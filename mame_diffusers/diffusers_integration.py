@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -134,7 +135,7 @@ class MaMeConfig(OperatorSettings):
         if self.max_downsample not in _ALLOWED_DOWNSAMPLE or isinstance(self.max_downsample, bool):
             raise ValueError(f"max_downsample must be one of {_ALLOWED_DOWNSAMPLE}, got {self.max_downsample!r}")
         share = self.query_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= share <= 1.0:
             raise ValueError(f"query_share must be a number in [0, 1], got {share!r}")
         object.__setattr__(self, "query_share", float(share))
         self.check_operator_settings(self.stack_ratio)
@@ -147,8 +148,9 @@ class MaMeConfig(OperatorSettings):
             raise ValueError(
                 f"min_latent_tokens must be a non-negative int or None (chosen per device), got {tokens!r}"
             )
-        if not isinstance(self.reuse_plans, bool):
-            raise ValueError(f"reuse_plans must be True or False, got {self.reuse_plans!r}")
+        for name in ("proportional_attention", "reuse_plans"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.remember_layout_settings("query_ratio", "kv_ratio", "stack_ratio")
 
     def merges_call(self, latent_tokens: int, device: torch.device) -> bool:
@@ -298,28 +300,23 @@ class MaMeProcessor:
         tau: float = DEFAULT_TAU,
         max_downsample: int = DEFAULT_MAX_DOWNSAMPLE,
         *,
-        query_share: float = DEFAULT_QUERY_SHARE,
-        block: int | None = DEFAULT_BLOCK,
-        halo: int = DEFAULT_HALO,
-        anchor: str = DEFAULT_ANCHOR,
-        temperature: float | None = None,
-        straight_through: bool = False,
-        proportional_attention: bool = True,
         fallback: Callable[..., torch.Tensor] | None = None,
         config: MaMeConfig | None = None,
+        **settings: Any,
     ) -> None:
-        self.config = config or MaMeConfig(
-            ratio=ratio,
-            tau=tau,
-            max_downsample=max_downsample,
-            query_share=query_share,
-            block=block,
-            halo=halo,
-            anchor=anchor,
-            temperature=temperature,
-            straight_through=straight_through,
-            proportional_attention=proportional_attention,
-        )
+        """Settings as :class:`MaMeConfig` takes them (``query_share``, ``block``, ...), or a
+        ready ``config``: not both."""
+        leading = {"ratio": ratio, "tau": tau, "max_downsample": max_downsample}
+        if config is None:
+            self.config = MaMeConfig(**leading, **settings)
+        else:
+            given = [name for name, value in leading.items() if value != getattr(MaMeConfig, name)]
+            given += list(settings)
+            if given:
+                raise TypeError(
+                    f"MaMeProcessor takes either config= or settings, not both: got config and {', '.join(given)}"
+                )
+            self.config = config
         self.fallback = fallback if fallback is not None else AttnProcessor2_0()
         self._fallback_kwargs = _accepted_keywords(self.fallback)
         self._grid: _GridTracker | None = None
@@ -375,7 +372,7 @@ class MaMeProcessor:
             if not self._grid.merging:
                 return None
             hw = self._tracked_grid(hw, tokens)
-            if hw is not None and self._grid.current_sizes is not None:
+            if self._grid.current_sizes is not None:
                 # Inside a merged stack: always the merged path, whose size bias keeps
                 # attention proportional (and empty slots weightless).
                 return hw
@@ -410,7 +407,7 @@ class MaMeProcessor:
                     "tokens; this module does not run inside a Transformer2DModel as apply_mame assumed"
                 )
             hw = recorded
-        if grid.current_sizes is not None:
+        if grid.current_sizes is not None:  # a merged stack's grid, whatever its level
             return hw
         return hw if grid.within(hw, self.config.max_downsample) else None
 
@@ -486,11 +483,9 @@ class MaMeProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # SDPA accumulates in float32 already, so, like AttnProcessor2_0, nothing more is
-        # needed for attn.upcast_attention.
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=key_bias.to(query.dtype)[:, None, None, :], scale=attn.scale
-        )
+        # As in AttnProcessor2_0, the fallback: SDPA's default scale, and SDPA accumulates in
+        # float32 already, so nothing more is needed for attn.upcast_attention.
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias.to(query.dtype)[:, None, None, :])
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -577,7 +572,9 @@ def self_attention_modules(model: torch.nn.Module) -> list[tuple[str, Transforme
     """``(name, parent transformer, attention)`` for every self-attention MaMe can patch."""
     found = []
     for name, transformer in model.named_modules():
-        if not isinstance(transformer, Transformer2DModel):
+        # MaMe needs the latent's spatial grid: patch-embedded (PixArt-style) or vectorised
+        # inputs have none it can see.
+        if not isinstance(transformer, Transformer2DModel) or not getattr(transformer, "is_input_continuous", True):
             continue
         for sub_name, module in transformer.named_modules():
             if isinstance(module, Attention) and sub_name.endswith("attn1") and not module.is_cross_attention:
@@ -633,6 +630,14 @@ def remove_mame_from_unet(unet: torch.nn.Module) -> torch.nn.Module:
             attention.set_processor(_unwrapped(current))
         # Any other processor set after apply_mame (attention slicing, IP-Adapter, ...) is the
         # user's to keep.
+    # fuse_qkv_projections saves the processors it replaces, for unfuse_qkv_projections to put
+    # back: MaMe's must not come back from there.
+    saved = getattr(unet, "original_attn_processors", None)
+    if isinstance(saved, dict):
+        originals = {id(ours): original for original, ours in patch.processors.values()}
+        for name, processor in saved.items():
+            if isinstance(processor, MaMeProcessor):
+                saved[name] = originals.get(id(processor), _unwrapped(processor))
     delattr(unet, _PATCH_ATTRIBUTE)
     return unet
 

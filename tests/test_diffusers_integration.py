@@ -372,15 +372,17 @@ def test_a_merged_self_attention_runs_few_operations():
 
     from mame_diffusers.benchmarking.ops import work_ops
 
-    attention = Attention(320, heads=5, dim_head=64)
+    # On the meta device: the path a GPU takes (see test_plan_and_merge_run_few_operations).
+    attention = Attention(320, heads=5, dim_head=64).to("meta")
     attention.set_processor(MaMeProcessor())
-    x = torch.randn(2, 64 * 64, 320)
+    x = torch.randn(2, 64 * 64, 320, device="meta")
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         attention(x)  # builds the layout's constants once
         counts = work_ops(lambda: attention(x))
     # Stock AttnProcessor2_0 runs 6 (four projections, attention, the output rescale).
     assert sum(counts.values()) - counts["aten::copy (reshape)"] <= 25, counts
+    assert sum(counts.values()) <= 30, counts
 
 
 def test_min_latent_tokens_default_depends_on_the_device():
@@ -485,3 +487,71 @@ def test_deep_stack_merging_compiles_into_one_graph(tiny_sdxl_unet):
         assert_one_graph(tiny_sdxl_unet, **inputs)
     finally:
         remove_mame(tiny_sdxl_unet)
+
+
+# -- regressions from trying it as a user would ------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_qk", [True, False])
+def test_merged_path_matches_the_processor_it_falls_back_to(scale_qk):
+    # A ratio so small that nothing merges still takes MaMe's own attention path: it must
+    # compute what the fallback (AttnProcessor2_0) computes, scale included.
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attention = Attention(32, heads=2, dim_head=16, scale_qk=scale_qk)
+    x = torch.randn(2, 8 * 8, 32)
+    with torch.no_grad():
+        attention.set_processor(AttnProcessor2_0())
+        expected = attention(x)
+        attention.set_processor(MaMeProcessor(ratio=0.001, max_downsample=8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = attention(x)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_then_remove_leaves_no_mame_behind(tiny_unet):
+    inputs = unet_inputs(tiny_unet, (16, 16))
+    reference = run(tiny_unet, inputs)
+    apply_mame(tiny_unet, ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_unet.fuse_qkv_projections()
+        remove_mame(tiny_unet)
+        tiny_unet.unfuse_qkv_projections()
+    assert not any(isinstance(p, MaMeProcessor) for p in tiny_unet.attn_processors.values())
+    torch.testing.assert_close(run(tiny_unet, inputs), reference)
+
+
+def test_patch_embedded_transformers_are_refused_at_apply():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    pixart_like = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, patch_size=2,
+        sample_size=16, norm_type="ada_norm_single", cross_attention_dim=16,
+    )
+    with pytest.raises(ValueError, match="supported"):
+        apply_mame(pixart_like)
+
+
+def test_processor_takes_a_config_or_settings_not_both():
+    with pytest.raises(TypeError, match="either config"):
+        MaMeProcessor(config=MaMeConfig(), ratio=0.5)
+    with pytest.raises(TypeError, match="either config"):
+        MaMeProcessor(config=MaMeConfig(), query_share=1.0)
+    assert MaMeProcessor(query_share=1.0).config.query_share == 1.0
+    with pytest.raises(TypeError):
+        MaMeProcessor(not_a_setting=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"proportional_attention": "no"}, "proportional_attention"), ({"reuse_plans": 1}, "reuse_plans")])
+def test_flags_must_be_booleans(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaMeConfig(**kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    np = pytest.importorskip("numpy")
+    config = MaMeConfig(ratio=np.float32(0.5), tau=np.float32(0.1), query_share=np.float32(0.5))
+    assert isinstance(config.ratio, float) and config.ratio == 0.5

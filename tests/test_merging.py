@@ -321,11 +321,13 @@ def test_grid_that_does_not_match_the_tokens_raises():
 
 def test_plan_and_merge_run_few_operations():
     # On a GPU at batch 2 every operation is a kernel launch, and launches are what a
-    # Stable Diffusion UNet is bound by: the operator's count is its cost there.
+    # Stable Diffusion UNet is bound by: the operator's count is its cost there. The meta
+    # device takes the path a GPU takes (a CPU takes slice additions instead of F.fold,
+    # more operations but faster there) without computing anything.
     from mame_diffusers import MaMeConfig
     from mame_diffusers.benchmarking.ops import work_ops
 
-    x = torch.randn(2, 64 * 64, 32)
+    x = torch.randn(2, 64 * 64, 320, device="meta")
     ratio = MaMeConfig().kv_ratio
     with torch.inference_mode():
         plan_merge(x, (64, 64), ratio=ratio)  # builds the layout's constants once
@@ -350,6 +352,14 @@ def test_half_precision_merge_does_not_overflow_where_the_mean_fits():
     torch.testing.assert_close(total, x.float().mean(1), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("hw,ratio,block,halo", [((64, 64), 0.9375, 8, 2), ((21, 19), 0.75, 4, 1), ((16, 16), 0.5, None, 0)])
+def test_both_overlap_adds_agree(hw, ratio, block, halo):
+    # F.fold runs on CUDA, slice additions elsewhere: the same sums.
+    layout = merge_layout(hw, ratio, block=block, halo=halo)
+    windows = torch.randn(2, layout.num_blocks, layout.num_candidates, 5, dtype=torch.float64)
+    torch.testing.assert_close(layout._fold_windows(windows), layout._add_windows(windows))
+
+
 def test_compiled_operator_matches_eager():
     # Inductor once lowered F.fold with these window strides to out-of-bounds writes; the
     # compiled path takes slice additions instead, and must compute the same thing.
@@ -366,3 +376,14 @@ def test_compiled_operator_matches_eager():
         torch._dynamo.reset()
     for got, expected in zip(compiled, merge_and_restore(x)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_temperature_stays_finite():
+    x = torch.randn(2, 16 * 16, 6)
+    plan = plan_merge(x, (16, 16), ratio=0.75, tau=-1.0, temperature=1e-30)
+    assert torch.isfinite(plan.assignment).all() and torch.isfinite(plan.merge(x)).all()
+
+
+def test_grid_sides_must_be_ints():
+    with pytest.raises(ValueError, match="ints"):
+        plan_merge(torch.randn(1, 68, 4), (8.5, 8), ratio=0.5)
