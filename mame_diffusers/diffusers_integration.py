@@ -175,6 +175,42 @@ class MaMeConfig(OperatorSettings):
 
 
 @dataclass
+class _StackState:
+    """One deep stack's merge in one forward: the plan that merged its tokens (MaRe restores
+    with it after the stack), the tokens entering the stack, what they merged into, and the
+    keys/values plans shared by the stack's self-attentions."""
+
+    plan: MergePlan
+    input: torch.Tensor
+    merged: torch.Tensor
+    plans: dict = field(default_factory=dict)
+
+
+@dataclass
+class _TransformerGrid:
+    """What one ``Transformer2DModel`` saw in the current forward: its token grid and, when
+    its blocks run on merged tokens, its stack's merge. ``on_forward`` is its forward
+    pre-hook.
+
+    Kept until the next forward (not cleared when the model moves on), so that blocks that
+    gradient checkpointing recomputes in the backward pass find what their forward found.
+    """
+
+    tracker: _GridTracker
+    hw: tuple[int, int] | None = None
+    stack: _StackState | None = None
+
+    def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
+            self.hw = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+        else:
+            self.hw = None
+        if self.tracker.top_downsample is None and self.hw is not None:
+            self.tracker.top_downsample = self.tracker.downsample(self.hw)
+
+
+@dataclass
 class _GridTracker:
     """Token grids seen during one UNet forward, recorded by forward pre-hooks.
 
@@ -182,54 +218,29 @@ class _GridTracker:
     """
 
     latent_hw: tuple[int, int] | None = None
-    current_hw: tuple[int, int] | None = None
     #: Downsample factor of the first (highest-resolution) level with attention.
     top_downsample: int | None = None
-    #: While a deep stack runs on merged tokens: the plan that merged them (MaRe restores
-    #: with it after the stack) and the stack's own grid; ``current_hw`` is then the merged
-    #: grid and ``current_sizes`` the merged tokens' sizes.
-    stack_plan: MergePlan | None = None
-    stack_hw: tuple[int, int] | None = None
-    current_sizes: torch.Tensor | None = None
-    #: The tokens entering the merged stack, and what they merged into.
-    stack_input: torch.Tensor | None = None
-    stack_merged: torch.Tensor | None = None
-    #: Merge plans made during this forward, shared by the self-attentions of one level
-    #: (``level_plans``) or of one merged stack (``stack_plans``), keyed by grid and ratio.
-    level_plans: dict = field(default_factory=dict)
-    stack_plans: dict = field(default_factory=dict)
     #: Whether this forward merges at all (``MaMeConfig.merges_call``).
     merging: bool = True
+    #: Merge plans made during this forward, shared by the self-attentions of one level:
+    #: ``(grid, ratio name) -> (the processor that made it, plan)``.
+    level_plans: dict = field(default_factory=dict)
+    #: One record per patched ``Transformer2DModel``.
+    transformers: list = field(default_factory=list)
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
         self.latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
-        self.current_hw = None
         self.top_downsample = None
         self.level_plans.clear()
-        self.end_stack()
+        for record in self.transformers:
+            record.hw = record.stack = None
 
-    def end_stack(self) -> None:
-        self.stack_plan = self.stack_hw = self.current_sizes = None
-        self.stack_input = self.stack_merged = None
-        self.stack_plans.clear()
-
-    def shared_plan(self, key: tuple, make: Callable[[], MergePlan]) -> MergePlan:
-        """The plan this forward already made for ``key`` at the current level, or ``make()``."""
-        plans = self.stack_plans if self.stack_plan is not None else self.level_plans
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = make()
-        return plan
-
-    def on_transformer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
-            self.current_hw = (int(hidden.shape[-2]), int(hidden.shape[-1]))
-        else:
-            self.current_hw = None
-        if self.top_downsample is None and self.current_hw is not None:
-            self.top_downsample = self.downsample(self.current_hw)
+    def new_transformer(self) -> _TransformerGrid:
+        """A record for one more ``Transformer2DModel`` (its pre-hook: ``on_forward``)."""
+        record = _TransformerGrid(self)
+        self.transformers.append(record)
+        return record
 
     def downsample(self, hw: tuple[int, int]) -> int:
         if self.latent_hw is None:
@@ -254,31 +265,26 @@ class _StackMerge:
     """
 
     grid: _GridTracker
+    record: _TransformerGrid
     config: MaMeConfig
 
     def before_first_block(self, block: torch.nn.Module, args: tuple, kwargs: dict):
-        hw = self.grid.current_hw
+        hw = self.record.hw
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self.grid.merging or hw is None or hidden.ndim != 3 or not self.grid.within(hw, self.config.max_downsample):
             return None
         plan = self.config.plan_on(hidden, self.config.layout(hw, "stack_ratio"))
         merged = plan.merge(hidden)
-        self.grid.stack_plan, self.grid.stack_hw = plan, hw
-        self.grid.current_hw, self.grid.current_sizes = plan.merged_hw, plan.sizes
-        self.grid.stack_input, self.grid.stack_merged = hidden, merged
+        self.record.stack = _StackState(plan, hidden, merged)
         if args:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": merged}
 
     def after_last_block(self, block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        grid = self.grid
-        plan = grid.stack_plan
-        if plan is None:
+        stack = self.record.stack
+        if stack is None:
             return None
-        restored = grid.stack_input + plan.restore(output - grid.stack_merged)
-        grid.current_hw = grid.stack_hw
-        grid.end_stack()
-        return restored
+        return stack.input + stack.plan.restore(output - stack.merged)
 
 
 def _nearest_power_of_two(value: float) -> int:
@@ -319,7 +325,9 @@ class MaMeProcessor:
             self.config = config
         self.fallback = fallback if fallback is not None else AttnProcessor2_0()
         self._fallback_kwargs = _accepted_keywords(self.fallback)
+        # Set by apply_mame: the UNet's tracker and the record of this module's transformer.
         self._grid: _GridTracker | None = None
+        self._transformer: _TransformerGrid | None = None
         # Bare use only (no tracker): the largest self-attention seen stands for level 1.
         self._largest_tokens = 0
         self._warned_square_guess = False
@@ -372,7 +380,7 @@ class MaMeProcessor:
             if not self._grid.merging:
                 return None
             hw = self._tracked_grid(hw, tokens)
-            if self._grid.current_sizes is not None:
+            if self._transformer.stack is not None:
                 # Inside a merged stack: always the merged path, whose size bias keeps
                 # attention proportional (and empty slots weightless).
                 return hw
@@ -395,11 +403,21 @@ class MaMeProcessor:
 
         if self._grid is None or not config.reuse_plans:
             return make()
-        return self._grid.shared_plan((hw, ratio_name), make)
+        stack = self._transformer.stack
+        plans = stack.plans if stack is not None else self._grid.level_plans
+        key = (hw, ratio_name)
+        maker, plan = plans.get(key, (None, None))
+        if plan is None or maker is self:
+            # The block that made a plan makes it again when gradient checkpointing
+            # recomputes it: a recomputation must run what its forward ran.
+            plan = make()
+            plans[key] = (self, plan)
+        return plan
 
     def _tracked_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
-        grid = self._grid
-        recorded = grid.current_hw
+        record = self._transformer
+        stack = record.stack
+        recorded = stack.plan.merged_hw if stack is not None else record.hw
         if hw is None:
             if recorded is None or recorded[0] * recorded[1] != tokens:
                 raise RuntimeError(
@@ -407,9 +425,9 @@ class MaMeProcessor:
                     "tokens; this module does not run inside a Transformer2DModel as apply_mame assumed"
                 )
             hw = recorded
-        if grid.current_sizes is not None:  # a merged stack's grid, whatever its level
+        if stack is not None:  # a merged stack's grid, whatever its level
             return hw
-        return hw if grid.within(hw, self.config.max_downsample) else None
+        return hw if self._grid.within(hw, self.config.max_downsample) else None
 
     def _bare_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
         if hw is None:
@@ -451,8 +469,8 @@ class MaMeProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         config = self.config
-        grid = self._grid
-        sizes = grid.current_sizes if grid is not None else None
+        stack = self._transformer.stack if self._transformer is not None else None
+        sizes = stack.plan.sizes if stack is not None else None
         query_plan = context_plan = None
         if config.ratio > 0.0:
             if config.query_ratio > 0:
@@ -468,7 +486,7 @@ class MaMeProcessor:
             context = queries if context_plan is query_plan else context_plan.merge(hidden_states)
         # Keys stand for as many tokens as their slot (or, in a merged stack, their merged
         # token) holds; the bias is made once per plan.
-        weights_plan = context_plan if context_plan is not None else grid.stack_plan
+        weights_plan = context_plan if context_plan is not None else stack.plan
         key_bias = weights_plan.attention_bias(hidden_states.dtype, proportional=config.proportional_attention)
 
         query = attn.to_q(queries)
@@ -596,16 +614,18 @@ def apply_mame_to_unet(unet: torch.nn.Module, config: MaMeConfig) -> torch.nn.Mo
     grid = _GridTracker()
     patch = _Patch(config=config, grid=grid)
     patch.hooks.append(unet.register_forward_pre_hook(patch.on_model_forward, with_kwargs=True))
+    records = {}
     for transformer in {id(t): t for _, t, _ in targets}.values():
-        patch.hooks.append(transformer.register_forward_pre_hook(grid.on_transformer, with_kwargs=True))
+        record = records[id(transformer)] = grid.new_transformer()
+        patch.hooks.append(transformer.register_forward_pre_hook(record.on_forward, with_kwargs=True))
         blocks = getattr(transformer, "transformer_blocks", None)
         if config.stack_ratio > 0 and blocks is not None and len(blocks) >= config.stack_min_layers:
-            stack = _StackMerge(grid, config)
+            stack = _StackMerge(grid, record, config)
             patch.hooks.append(blocks[0].register_forward_pre_hook(stack.before_first_block, with_kwargs=True))
             patch.hooks.append(blocks[-1].register_forward_hook(stack.after_last_block, with_kwargs=True))
-    for _, _, attention in targets:
+    for _, transformer, attention in targets:
         processor = MaMeProcessor(config=config, fallback=_unwrapped(attention.processor))
-        processor._grid = grid
+        processor._grid, processor._transformer = grid, records[id(transformer)]
         patch.processors[attention] = (attention.processor, processor)
         attention.set_processor(processor)
     setattr(unet, _PATCH_ATTRIBUTE, patch)

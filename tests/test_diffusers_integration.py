@@ -555,3 +555,22 @@ def test_numpy_numbers_are_numbers():
     np = pytest.importorskip("numpy")
     config = MaMeConfig(ratio=np.float32(0.5), tau=np.float32(0.1), query_share=np.float32(0.5))
     assert isinstance(config.ratio, float) and config.ratio == 0.5
+
+
+@pytest.mark.parametrize("name,settings", [("tiny-sd", {"query_share": 1.0}), ("tiny-sd", {}), ("tiny-sdxl", {})])
+def test_gradient_checkpointing_gives_the_same_gradients(name, settings):
+    # The usual LoRA fine-tuning setup: blocks are recomputed in the backward pass, after
+    # the forward has moved on to other levels; MaMe must merge them as it did.
+    def gradients(checkpointing: bool) -> dict:
+        unet = build_unet(name, seed=0)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        apply_mame(unet, ratio=0.75, max_downsample=2, **settings)
+        unet(**unet_inputs(unet, (16, 16))).sample.square().mean().backward()
+        return {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert plain.keys() == recomputed.keys()
+    for name_ in plain:
+        torch.testing.assert_close(recomputed[name_], plain[name_], rtol=1e-4, atol=1e-6)
