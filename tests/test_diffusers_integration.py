@@ -574,3 +574,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, settings):
     assert plain.keys() == recomputed.keys()
     for name_ in plain:
         torch.testing.assert_close(recomputed[name_], plain[name_], rtol=1e-4, atol=1e-6)
+
+
+def test_a_patched_unet_deep_copies_and_pickles(tiny_sdxl_unet):
+    import copy
+    import io
+
+    inputs = unet_inputs(tiny_sdxl_unet, (16, 16))
+    apply_mame(tiny_sdxl_unet, ratio=0.5)
+    try:
+        expected = run(tiny_sdxl_unet, inputs)
+        copied = copy.deepcopy(tiny_sdxl_unet)
+        torch.testing.assert_close(run(copied, inputs), expected)
+        buffer = io.BytesIO()
+        torch.save(tiny_sdxl_unet, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(run(loaded, inputs), expected)
+        # The copy has its own hooks and records: removing MaMe from it leaves the original.
+        remove_mame(copied)
+        torch.testing.assert_close(run(tiny_sdxl_unet, inputs), expected)
+    finally:
+        remove_mame(tiny_sdxl_unet)
