@@ -10,7 +10,7 @@ is one, not its ``addmm`` inside).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -64,7 +64,7 @@ def work_ops(fn: Callable[[], object]) -> Counter:
         fn()
     counts: Counter = Counter()
     for event in prof.events():
-        if not event.name.startswith("aten::") or _inside_aten(event):
+        if not event.name.startswith("aten::") or inside_aten(event):
             continue
         if event.name in ("aten::contiguous", "aten::to", "aten::reshape"):
             if not any(child.name in _COPIES for child in event.cpu_children):
@@ -75,7 +75,8 @@ def work_ops(fn: Callable[[], object]) -> Counter:
     return counts
 
 
-def _inside_aten(event) -> bool:
+def inside_aten(event: Any) -> bool:
+    """Whether a profiler event ran inside another ATen operator (not at the top level)."""
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("aten::"):

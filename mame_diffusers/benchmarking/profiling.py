@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .ops import inside_aten
 from .timing import synchronize
 
 #: Substrings (lower case) of the names of kernels that compute attention: FlashAttention
@@ -92,17 +93,8 @@ def profile_call(fn: Callable[[], object], device: torch.device | str) -> dict[s
         records = [
             (e.name, e.time_range.elapsed_us())
             for e in events
-            if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and not _inside_aten(e)
+            if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and not inside_aten(e)
         ]
     summary = summarize_kernels(records)
     summary.update(kind="CUDA kernels" if on_cuda else "CPU aten ops", wall_ms=wall * 1e3)
     return summary
-
-
-def _inside_aten(event: Any) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
