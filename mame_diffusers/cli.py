@@ -3,6 +3,8 @@
     mame-diffusers bench                  # SD 2.1 architecture, offline, 512x512, batch 2
     mame-diffusers bench --quick          # tiny model, seconds
     mame-diffusers generate --prompt "a photo of an astronaut"
+    mame-diffusers generate --prompts prompts.txt --out images      # one image per prompt
+    accelerate launch --num_processes 8 -m mame_diffusers.cli generate --prompts prompts.txt --out images
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_RATIO, DEFAULT_TAU
+from .generation import METHODS
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -62,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers model id or local folder with real weights (default: the SD 2.1 "
         "architecture built offline with random weights)",
     )
-    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     common.add_argument("--dtype", default="float32", choices=_DTYPES)
     common.add_argument("--tau", type=_tau, default=DEFAULT_TAU, help=f"MaMe threshold (default {DEFAULT_TAU})")
     common.add_argument("--seed", type=int, default=0)
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency, speed-up and fidelity of MaMe against the SDPA baseline and tomesd "
         "(when installed) at equal merged length, batch 2 (classifier-free guidance).",
     )
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     bench.add_argument("--resolution", type=_resolution, default=512)
     bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
@@ -86,13 +89,53 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         parents=[common],
-        help="write a side-by-side image grid: baseline | tomesd | MaMe",
-        description="Generate one image per method with the same seed and save them side by side.",
+        help="images: a side-by-side grid for one --prompt, or one image per line of a --prompts file",
+        description="With --prompt: one image per method (baseline | tomesd | MaMe), same seed, side by "
+        "side in OUT/generate.png. With --prompts FILE: one image per non-blank line, OUT/00000.png, ..., "
+        "recorded in OUT/manifest.jsonl; resumable, and split across processes under "
+        "`accelerate launch --num_processes N -m mame_diffusers.cli generate ...` (see docs/scale_out.md).",
     )
-    generate.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    what = generate.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default="a photo of an astronaut riding a horse", help="one prompt: the grid")
+    what.add_argument(
+        "--prompts", metavar="FILE", default=None, help="one prompt per line (blank lines ignored): one image each"
+    )
+    generate.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda. Default: the grid runs on cpu; --prompts runs on the device accelerate gives "
+        "each process (its GPU, or the CPU under `accelerate launch --cpu` or without a GPU)",
+    )
     generate.add_argument("--resolution", type=_resolution, default=512)
     generate.add_argument("--ratio", type=_ratio, default=DEFAULT_RATIO)
     generate.add_argument("--steps", type=_positive, default=25)
+    generate.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=1,
+        help="--prompts: prompts per pipeline call (default 1). With classifier-free guidance the UNet "
+        "sees twice as many; on CUDA, MaMe's defaults merge only calls of at least min_latent_tokens "
+        "latent tokens (batch x latent height x width), so larger batches are where it pays",
+    )
+    generate.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="--prompts: what runs the UNet (default: mame; stock: the unpatched pipeline)",
+    )
+    generate.add_argument(
+        "--mame",
+        metavar="KEY=VALUE",
+        action="append",
+        default=None,
+        help="a further MaMe setting passed to apply_mame, e.g. --mame min_latent_tokens=0 (repeatable); "
+        "recorded in the manifest with --ratio and --tau",
+    )
+    generate.add_argument(
+        "--compare",
+        action="store_true",
+        help="--prompts: also run the same prompts with --method stock into OUT/stock/ and report the speed-up",
+    )
     return parser
 
 
@@ -100,15 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_library_logs()
+    from . import generation
     from .benchmarking import runs
 
     try:
-        device = runs.resolve_device(args.device)
-        if args.command == "bench":
-            result = runs.run_bench(args, device)
+        if args.command == "generate" and args.prompts is not None:
+            result = generation.run_prompts(args)
+        elif args.command == "generate":
+            if args.method is not None or args.compare or args.batch_size != 1:
+                raise runs.UsageError(
+                    "--method, --compare and --batch-size apply to --prompts; --prompt draws every method"
+                )
+            result = runs.run_generate(args, runs.resolve_device(args.device or "cpu"))
         else:
-            result = runs.run_generate(args, device)
-    except runs.UsageError as error:
+            result = runs.run_bench(args, runs.resolve_device(args.device))
+    except (runs.UsageError, generation.UsageError) as error:
         print(f"mame-diffusers: error: {error}", file=sys.stderr)
         return 2
     for path in result:

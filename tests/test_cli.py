@@ -9,6 +9,8 @@ import torch
 
 from mame_diffusers.cli import main
 
+from .cli_runs import exit_status_and_error
+
 
 def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert main(["bench", "--quick", "--repeats", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
@@ -43,12 +45,8 @@ def test_generate_quick_writes_a_grid(tmp_path):
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
+    status, err = exit_status_and_error(argv, capsys)
     assert status == 2
-    err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("mame-diffusers")]) == 1
 

@@ -98,9 +98,9 @@ def bench_methods(ratios: Sequence[float], tau: float) -> list[Method]:
     return methods
 
 
-def _mame_at(ratio: float, tau: float) -> Method:
-    """MaMe at ``ratio``; ``tau`` named only when it is not the default."""
-    return mame(ratio=ratio) if tau == DEFAULT_TAU else mame(ratio=ratio, tau=tau)
+def _mame_at(ratio: float, tau: float, **settings: Any) -> Method:
+    """MaMe at ``ratio`` (and any further ``settings``); ``tau`` named only when it is not the default."""
+    return mame(ratio=ratio, **settings) if tau == DEFAULT_TAU else mame(ratio=ratio, tau=tau, **settings)
 
 
 def time_pipeline(pipe, methods: list[Method], *, resolution: int, steps: int, seed: int) -> list[dict[str, Any]]:
@@ -278,11 +278,14 @@ def generate_grid(pipe, methods: list[Method], *, prompt: str, resolution: int, 
 
 
 def run_generate(args, device: torch.device) -> list[Path]:
+    from ..generation import parse_mame_settings
+
+    extra = parse_mame_settings(getattr(args, "mame", None) or [])
     dtype = resolve_dtype(args.dtype, device)
     resolution = 128 if args.quick and args.resolution == 512 else args.resolution
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
     methods = [baseline(), *[m for m in [tomesd_method(args.ratio)] if m is not None]]
-    methods.append(_mame_at(args.ratio, args.tau))
+    methods.append(_mame_at(args.ratio, args.tau, **extra))
     grid = generate_grid(pipe, methods, prompt=args.prompt, resolution=resolution, steps=args.steps, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
