@@ -222,7 +222,10 @@ class MergeLayout:
         key = (name, torch.device(device), dtype)
         tensor = self._constants.get(key)
         if tensor is None:
-            tensor = self._constants[key] = self._build_constant(name, device, dtype)
+            # Never an inference tensor, even when first asked for under inference_mode:
+            # training later uses the same constants.
+            with torch.inference_mode(False):
+                tensor = self._constants[key] = self._build_constant(name, device, dtype)
         return tensor
 
     def _build_constant(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

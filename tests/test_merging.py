@@ -387,3 +387,13 @@ def test_tiny_temperature_stays_finite():
 def test_grid_sides_must_be_ints():
     with pytest.raises(ValueError, match="ints"):
         plan_merge(torch.randn(1, 68, 4), (8.5, 8), ratio=0.5)
+
+
+def test_constants_built_under_inference_mode_serve_training_later():
+    x = torch.randn(2, 12 * 12, 4)
+    with torch.inference_mode():
+        plan_merge(x, (12, 12), ratio=0.6, halo=1)  # first use of this layout builds its constants
+    x.requires_grad_(True)
+    plan = plan_merge(x, (12, 12), ratio=0.6, halo=1)
+    plan.restore(plan.merge(x)).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
