@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_RATIO, DEFAULT_TAU
+from . import __version__
+from .defaults import DEFAULT_RATIO, DEFAULT_TAU
 from .generation import METHODS
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -56,6 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mame-diffusers", description="MaMe + MaRe token merging for diffusers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     common = _Parser(add_help=False)

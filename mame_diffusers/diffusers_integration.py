@@ -34,6 +34,14 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.controlnets import MultiControlNetModel, MultiControlNetUnionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from .defaults import (
+    DEFAULT_MAX_DOWNSAMPLE,
+    DEFAULT_MIN_LATENT_TOKENS,
+    DEFAULT_QUERY_SHARE,
+    DEFAULT_RATIO,
+    DEFAULT_STACK_MIN_LAYERS,
+    DEFAULT_STACK_RATIO,
+)
 from .merging import (
     DEFAULT_ANCHOR,
     DEFAULT_BLOCK,
@@ -57,26 +65,6 @@ __all__ = [
     "uncompiled",
 ]
 
-# Defaults chosen from measurements on the SD 2.1 architecture (docs/ablation.md).
-#: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
-DEFAULT_RATIO = 0.75
-#: Share of the merging, in log terms, that falls on the queries (the rest on keys/values).
-DEFAULT_QUERY_SHARE = 0.0
-#: Attention levels that merge, counted from the highest-resolution one with attention.
-DEFAULT_MAX_DOWNSAMPLE = 2
-#: Tokens merged before deep transformer stacks (SDXL's 10-layer ones) and restored after.
-DEFAULT_STACK_RATIO = 0.5
-#: A Transformer2DModel with at least this many blocks counts as a deep stack.
-DEFAULT_STACK_MIN_LAYERS = 4
-#: Per device type, when ``min_latent_tokens`` is not given: UNet calls with fewer latent
-#: tokens in the batch (batch x latent height x width) than this run unmerged. Measured on an
-#: H200 (benchmarks/results/gpu_h200_run1): below it an eager SD forward is bound by kernel
-#: launches (~52 ms from 512 to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging
-#: can only add launches; at 2048 (batch 2) or 1024 (batch 8), the GPU bounds it and merging
-#: pays (1.96x, 1.27x). Compiled with inductor's default mode, SD 2.1 768 at batch 2 was
-#: still faster unmerged (merging: 0.90x, gpu_h200_run3_compiled), so the threshold holds
-#: there too. CPUs gain at every size.
-DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536}
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .defaults import ANCHORS, DEFAULT_ANCHOR, DEFAULT_BLOCK, DEFAULT_HALO, DEFAULT_TAU
+
 __all__ = [
     "ANCHORS",
     "DEFAULT_ANCHOR",
@@ -50,15 +52,6 @@ __all__ = [
     "proportional_attention_bias",
 ]
 
-#: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
-DEFAULT_TAU = 0.0
-#: What each cell offers to merge into (see :func:`plan_merge`).
-ANCHORS = ("strided", "random", "pooled")
-DEFAULT_ANCHOR = "strided"
-#: Side of the token blocks in which anchors are placed (``None``: the whole grid).
-DEFAULT_BLOCK = 8
-#: How many anchor cells beyond its block (on every side) a token may merge into.
-DEFAULT_HALO = 2
 
 # Similarity given to candidates that do not exist (outside the grid, or empty anchors):
 # below any cosine, so never the best match and never above ``tau``.

@@ -55,3 +55,19 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
 def test_cuda_without_a_gpu_is_one_clear_line(capsys):
     assert main(["bench", "--quick", "--device", "cuda"]) == 2
     assert "no GPU" in capsys.readouterr().err
+
+
+def test_help_and_version_import_no_model_library():
+    # `mame-diffusers --help` must answer at once: torch, diffusers and transformers take
+    # seconds to import; the defaults it shows come from a light module.
+    code = (
+        "import sys; from mame_diffusers.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("[]"), result.stdout
+    assert "mame-diffusers 0." in result.stdout

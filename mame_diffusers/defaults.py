@@ -1,0 +1,42 @@
+"""Every default setting of MaMe, in one light module (no torch, diffusers or
+transformers import), so that the command line can show them instantly.
+
+The operator's defaults are re-exported by :mod:`mame_diffusers.merging`, the UNet's by
+:mod:`mame_diffusers.diffusers_integration`; the vision models' live with
+:class:`~mame_diffusers.VisionMaMeConfig`.
+"""
+
+# -- the operator (merging.py) ------------------------------------------------------------
+
+#: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
+DEFAULT_TAU = 0.0
+#: What each cell offers to merge into (see :func:`plan_merge`).
+ANCHORS = ("strided", "random", "pooled")
+DEFAULT_ANCHOR = "strided"
+#: Side of the token blocks in which anchors are placed (``None``: the whole grid).
+DEFAULT_BLOCK = 8
+#: How many anchor cells beyond its block (on every side) a token may merge into.
+DEFAULT_HALO = 2
+
+# -- diffusers UNets (diffusers_integration.py) -------------------------------------------
+
+# Chosen from measurements on the SD 2.1 architecture (docs/ablation.md) and an H200.
+#: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
+DEFAULT_RATIO = 0.75
+#: Share of the merging, in log terms, that falls on the queries (the rest on keys/values).
+DEFAULT_QUERY_SHARE = 0.0
+#: Attention levels that merge, counted from the highest-resolution one with attention.
+DEFAULT_MAX_DOWNSAMPLE = 2
+#: Tokens merged before deep transformer stacks (SDXL's 10-layer ones) and restored after.
+DEFAULT_STACK_RATIO = 0.5
+#: A Transformer2DModel with at least this many blocks counts as a deep stack.
+DEFAULT_STACK_MIN_LAYERS = 4
+#: Per device type, when ``min_latent_tokens`` is not given: UNet calls with fewer latent
+#: tokens in the batch (batch x latent height x width) than this run unmerged. Measured on an
+#: H200 (benchmarks/results/gpu_h200_run1): below it an eager SD forward is bound by kernel
+#: launches (~52 ms from 512 to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging
+#: can only add launches; at 2048 (batch 2) or 1024 (batch 8), the GPU bounds it and merging
+#: pays (1.96x, 1.27x). Compiled with inductor's default mode, SD 2.1 768 at batch 2 was
+#: still faster unmerged (merging: 0.90x, gpu_h200_run3_compiled), so the threshold holds
+#: there too. CPUs gain at every size.
+DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536}
