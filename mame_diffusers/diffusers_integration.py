@@ -174,7 +174,7 @@ class _StackState:
     plans: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)  # records point back to their tracker: compare by identity
 class _TransformerGrid:
     """What one ``Transformer2DModel`` saw in the current forward: its token grid and, when
     its blocks run on merged tokens, its stack's merge. ``on_forward`` is its forward
@@ -184,7 +184,7 @@ class _TransformerGrid:
     gradient checkpointing recomputes in the backward pass find what their forward found.
     """
 
-    tracker: _GridTracker
+    tracker: _GridTracker = field(repr=False)
     hw: tuple[int, int] | None = None
     stack: _StackState | None = None
 
@@ -198,7 +198,7 @@ class _TransformerGrid:
             self.tracker.top_downsample = self.tracker.downsample(self.hw)
 
 
-@dataclass
+@dataclass(eq=False)
 class _GridTracker:
     """Token grids seen during one UNet forward, recorded by forward pre-hooks.
 
