@@ -806,7 +806,7 @@ def apply_mame_to_vision_model(
     patch.hooks.append(tower.register_forward_hook(state.on_tower_output, with_kwargs=True))
     for index, ratio in schedule.items():
         if ratio > 0:
-            hook = _layer_hook(state, index)
+            hook = _LayerHook(state, index)
             patch.hooks.append(target.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
     if target.pooling_head is not None:
         patch.hooks.append(target.pooling_head.register_forward_pre_hook(state.on_pooling_head, with_kwargs=True))
@@ -833,11 +833,16 @@ def apply_mame_to_vision_model(
     return model
 
 
-def _layer_hook(state: _MergeState, index: int) -> Callable[..., Any]:
-    def merge_entering(module: nn.Module, args: tuple, kwargs: dict):
-        return state.merge_entering(index, args, kwargs)
+@dataclass
+class _LayerHook:
+    """Forward pre-hook of merging layer ``index`` (an object, not a closure, so that a
+    patched model deep-copies and pickles with its own state)."""
 
-    return merge_entering
+    state: _MergeState
+    index: int
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        return self.state.merge_entering(self.index, args, kwargs)
 
 
 def remove_mame_from_vision_model(model: nn.Module) -> nn.Module:

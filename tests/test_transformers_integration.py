@@ -597,3 +597,29 @@ def test_patched_models_trace_into_one_graph_and_match_eager(name):
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(features(compiled, name, batch), eager)
     torch._dynamo.reset()
+
+
+def test_a_patched_vision_model_deep_copies_and_pickles():
+    import copy
+    import io
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=8
+    )
+    vit = ViTForImageClassification(config).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    apply_mame(vit, ratio=0.2)
+    with torch.no_grad():
+        expected = vit(pixel_values=pixels).logits
+        copied = copy.deepcopy(vit)
+        torch.testing.assert_close(copied(pixel_values=pixels).logits, expected)
+        buffer = io.BytesIO()
+        torch.save(vit, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected)
+        remove_mame(copied)  # the copy's patch is its own
+        torch.testing.assert_close(vit(pixel_values=pixels).logits, expected)
