@@ -110,22 +110,31 @@ def check_merge_settings(
     return tau
 
 
-def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
-    """The ``kh x kw`` anchor grid with the most anchors ``<= budget`` inside ``rows x cols``.
+#: Anchor cells may be at most this much longer than wide (or wider than long) when a grid of
+#: them within :data:`_SQUARE_ENOUGH_SHARE` of the most anchors allows it.
+_MAX_CELL_ASPECT = 2.0
+_SQUARE_ENOUGH_SHARE = 0.9
 
-    Among grids with equally many anchors, the one whose shape is closest to the block's
-    shape wins, so that anchor cells are as square as possible.
+
+def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
+    """The ``kh x kw`` anchor grid with the most anchors ``<= budget`` inside ``rows x cols``,
+    among grids whose cells are close to square.
+
+    The most anchors can mean degenerate cells (41 anchors in a 64 x 64 grid: one row of
+    1 x 41, cells 64 tokens tall and 1.6 wide); a grid with at least 90% as many anchors
+    and cells at most 2:1 is preferred (5 x 8: 40 anchors). Among grids with equally many
+    anchors, the one whose cells are squarest wins.
     """
-    best: tuple[int, float, int, int] | None = None
+    options = []
     for kh in range(1, rows + 1):
         kw = min(cols, budget // kh)
         if kw < 1:
             break
         skew = abs(math.log((rows / kh) / (cols / kw)))
-        key = (kh * kw, -skew)
-        if best is None or key > best[:2]:
-            best = (kh * kw, -skew, kh, kw)
-    assert best is not None
+        options.append((kh * kw, -skew, kh, kw))
+    most = max(count for count, *_ in options)
+    square = [o for o in options if o[0] >= _SQUARE_ENOUGH_SHARE * most and -o[1] <= math.log(_MAX_CELL_ASPECT) + 1e-9]
+    best = max(square or options)
     return best[2], best[3]
 
 

@@ -397,3 +397,13 @@ def test_constants_built_under_inference_mode_serve_training_later():
     plan = plan_merge(x, (12, 12), ratio=0.6, halo=1)
     plan.restore(plan.merge(x)).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("hw,ratio,block", [((64, 64), 0.99, None), ((64, 64), 0.97, None), ((100, 30), 0.98, None)])
+def test_anchor_cells_stay_close_to_square_at_high_ratios(hw, ratio, block):
+    # The most anchors under the budget once meant one row of 1 x 41 anchors on 64 x 64.
+    layout = merge_layout(hw, ratio, block=block)
+    budget = round(hw[0] * hw[1] * (1 - ratio))
+    cell_h, cell_w = layout.block_h / layout.anchors_h, layout.block_w / layout.anchors_w
+    assert max(cell_h / cell_w, cell_w / cell_h) <= 2.0 + 1e-9
+    assert 0.9 * budget <= layout.num_merged <= budget
