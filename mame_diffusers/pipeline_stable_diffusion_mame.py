@@ -15,6 +15,9 @@ it was afterwards, also when the call raises.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from diffusers import StableDiffusionPipeline
@@ -47,6 +50,17 @@ class StableDiffusionMaMePipeline(StableDiffusionPipeline):
     pipeline, else from MaMe's defaults. Unknown ``mame_*`` arguments raise ``TypeError``
     (the stock pipeline would drop unknown keyword arguments silently).
     """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """As diffusers saves pipelines, naming ``StableDiffusionPipeline`` as the class, so
+        that plain ``DiffusionPipeline.from_pretrained(folder)`` reopens the folder (diffusers
+        knows no ``StableDiffusionMaMePipeline``); ``StableDiffusionMaMePipeline.from_pretrained``
+        reopens it as this class, whatever the folder names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def __call__(self, *args: Any, **kwargs: Any):
         overrides = _pop_mame_arguments(kwargs)

@@ -8,8 +8,12 @@ Load with::
         trust_remote_code=True,
     )
 
-The class lives in the installed ``mame_diffusers`` package (``pip install mame-diffusers``)
-so that this file, the CLI and ``import mame_diffusers`` all use one definition.
+``custom_pipeline`` is a path: relative ones resolve from the working folder, so from
+elsewhere give this file's absolute path. The class lives in the ``mame_diffusers``
+package, which must be installed (it is not on the package index: ``pip install -e .`` in a
+clone of this repository), so that this file, the CLI and ``import mame_diffusers`` all use
+one definition. A folder saved by ``StableDiffusionMaMePipeline.save_pretrained`` also
+reopens with plain ``DiffusionPipeline.from_pretrained(folder)`` (as the stock pipeline).
 """
 
 from mame_diffusers.pipeline_stable_diffusion_mame import StableDiffusionMaMePipeline

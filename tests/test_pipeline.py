@@ -125,6 +125,11 @@ def test_save_and_load_the_diffusers_ways(pipe, tmp_path, monkeypatch):
     assert type(custom).__name__ == "StableDiffusionMaMePipeline"
     custom.set_progress_bar_config(disable=True)
     torch.testing.assert_close(generate(custom, mame_ratio=0.75), reference)
+    # Plain diffusers reopens the folder too (as the stock pipeline: same components).
+    plain = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(plain) is StableDiffusionPipeline
+    plain.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(generate(StableDiffusionMaMePipeline.from_pipe(plain), mame_ratio=0.75), reference)
 
 
 def test_offline_tokenizer_encodes_any_text_and_fits_the_text_encoder(components):
