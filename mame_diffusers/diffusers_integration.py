@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -49,6 +48,7 @@ from .merging import (
     DEFAULT_TAU,
     MergePlan,
     OperatorSettings,
+    is_number,
 )
 
 __all__ = [
@@ -123,7 +123,7 @@ class MaMeConfig(OperatorSettings):
         if self.max_downsample not in _ALLOWED_DOWNSAMPLE or isinstance(self.max_downsample, bool):
             raise ValueError(f"max_downsample must be one of {_ALLOWED_DOWNSAMPLE}, got {self.max_downsample!r}")
         share = self.query_share
-        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= share <= 1.0:
+        if not is_number(share) or not 0.0 <= share <= 1.0:
             raise ValueError(f"query_share must be a number in [0, 1], got {share!r}")
         object.__setattr__(self, "query_share", float(share))
         self.check_operator_settings(self.stack_ratio)

@@ -58,13 +58,13 @@ __all__ = [
 _INVALID_SIMILARITY = -2.0
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_ratio(ratio: float) -> float:
-    if not _is_number(ratio) or not math.isfinite(ratio):
+    if not is_number(ratio) or not math.isfinite(ratio):
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio is the fraction of tokens removed and must lie in [0, 1), got {ratio}")
@@ -72,7 +72,7 @@ def _check_ratio(ratio: float) -> float:
 
 
 def _check_tau(tau: float) -> float:
-    if not _is_number(tau) or not math.isfinite(tau):
+    if not is_number(tau) or not math.isfinite(tau):
         raise ValueError(f"tau must be a number in [-1, 1], got {tau!r}")
     if not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau is a cosine-similarity threshold and must lie in [-1, 1], got {tau}")
@@ -101,7 +101,7 @@ def check_merge_settings(
         raise ValueError(f"halo must be a non-negative int, got {halo!r}")
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
-    if temperature is not None and (not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0):
+    if temperature is not None and (not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be a positive number or None (hard assignment), got {temperature!r}")
     if not isinstance(straight_through, bool):
         raise ValueError(f"straight_through must be True or False, got {straight_through!r}")

@@ -63,6 +63,7 @@ from .merging import (
     MergePlan,
     OperatorSettings,
     check_merge_settings,
+    is_number,
     merge_layout,
     proportional_attention_bias,
 )
@@ -135,10 +136,6 @@ _WRAPPABLE_IMPLEMENTATIONS = ("eager", "sdpa")
 # -- settings ----------------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
 @dataclass(frozen=True)
 class VisionMaMeConfig(OperatorSettings):
     """Settings of MaMe on a transformers vision model; validated when built.
@@ -183,7 +180,7 @@ class VisionMaMeConfig(OperatorSettings):
             if not self.ratio:
                 raise ValueError("ratio must be a number or a non-empty sequence of numbers (one per merging layer)")
             ratios: tuple[float, ...] = tuple(self.ratio)
-        elif _is_number(self.ratio):
+        elif is_number(self.ratio):
             ratios = (self.ratio,)
         else:
             raise ValueError(f"ratio must be a number in [0, 1) or a sequence of them, got {self.ratio!r}")
