@@ -12,10 +12,15 @@ it ends, so that a crash or the time limit loses only the section that was runni
    min / max ms, peak memory, and the error of the noise prediction against stock. At 512,
    768, 1024 and on SDXL, one profiled forward of stock and of MaMe defaults: kernels per
    forward and attention's share of GPU time (the **profiler** table).
-3. **compiled**: ``torch.compile`` of the SD 2.1 UNet at 768, MaMe defaults then stock: compile
-   time, ms, speed-ups over eager and compiled stock; then ``plan_merge`` + ``merge``
-   compiled; whether changing MaMe's ratio on the compiled model works; and
-   ``mode="reduce-overhead"`` (these last two rarely fit the default budget).
+3. **CUDA graphs**: SD 2.1 at 1024, 768 and 512 and SDXL at 1024 (batch 2), each method's copy
+   recorded once into a CUDA graph and replayed: the GPU time without launch overhead, which
+   is what CUDA graphs give a pipeline, and where merging small attention may pay. Adds MaMe
+   merging every call (``min_latent_tokens=0``) to the methods.
+4. **compiled**: ``torch.compile`` of the SD 2.1 UNet at 768 (``--compile-resolution``),
+   MaMe (defaults, or ``--compile-mame``'s settings) then stock: compile time, ms, speed-ups
+   over eager and compiled stock; then ``plan_merge`` + ``merge`` compiled; whether changing
+   MaMe's ratio on the compiled model works; and ``mode="reduce-overhead"`` (these last two
+   rarely fit the default budget).
 
 Random weights from the shipped configs (the architecture sets the speed), float16 on CUDA.
 Every section has an estimated cost; one is skipped, and listed as skipped, when less of the
@@ -133,6 +138,19 @@ def eager_settings(quick: bool) -> list[UNetSetting]:
     ]
 
 
+def graph_settings(quick: bool) -> list[UNetSetting]:
+    """The CUDA-graph sections: the batch-2 sizes that eager launches leave unmerged by default."""
+    if quick:
+        return [UNetSetting("tiny-sd", 128, 2, 1, 2, 0.05), UNetSetting("tiny-sdxl", 256, 2, 1, 2, 0.1)]
+    # Per-call estimates: replays cost the GPU time only (about half the eager call).
+    return [
+        UNetSetting("sd21", 1024, 2, 3, 12, 0.05),
+        UNetSetting("sd21", 768, 2, 3, 12, 0.03),
+        UNetSetting("sdxl", 1024, 2, 3, 12, 0.08),
+        UNetSetting("sd21", 512, 2, 3, 12, 0.02),
+    ]
+
+
 def parse_value(text: str) -> Any:
     """``'4096'`` -> 4096, ``'0.9'`` -> 0.9, ``'None'``/``'True'``/``'False'``, else the text."""
     for kind in (int, float):
@@ -183,6 +201,59 @@ def unet_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Metho
     return methods, notes
 
 
+MAME_EVERY_CALL = "MaMe merging every call"
+
+
+def graph_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Method], list[str]]:
+    """The eager methods plus MaMe with ``min_latent_tokens=0`` (the defaults leave batch-2
+    calls up to 1024 unmerged on CUDA: recorded, launches cost nothing, and merging may pay).
+    tomesd draws its destination tokens with its own CUDA generator, which a graph cannot
+    record: it runs with ``use_rand=False`` here."""
+    methods = [named(baseline(), STOCK), named(mame(), MAME_DEFAULTS)]
+    methods.append(named(mame(min_latent_tokens=0), MAME_EVERY_CALL))
+    methods.append(named(mame(min_latent_tokens=0, query_share=1.0), f"{MAME_EVERY_CALL}, query_share=1"))
+    notes = []
+    for ratio in (0.5, 0.75):
+        peer = tomesd_method(ratio, use_rand=False, **({"max_downsample": 2} if sdxl else {}))
+        if peer is not None:
+            methods.append(named(peer, f"tomesd {ratio}"))
+    notes.append("CUDA graphs: tomesd runs with use_rand=False (a graph cannot record its own generator's draws)")
+    for settings in variants:
+        label = ", ".join(f"{k}={v}" for k, v in settings.items())
+        methods.append(named(mame(**settings), f"MaMe {label}"))
+    return methods, notes
+
+
+class GraphedUNet(torch.nn.Module):
+    """One UNet call on fixed inputs, recorded into a CUDA graph and replayed: the call's GPU
+    time with no launch overhead (what CUDA graphs give a pipeline). Off CUDA it calls the
+    model eagerly, which checks the script only."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, Any], warmup: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs = inputs
+        self.graph = None
+        if next(model.parameters()).device.type != "cuda":
+            return
+        # Warm-up on a side stream (caches, cuDNN/cuBLAS choices), as torch.cuda.graphs asks.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(warmup):
+                call_like_a_pipeline(model, inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.output = call_like_a_pipeline(model, inputs)
+
+    def forward(self) -> torch.Tensor:
+        if self.graph is None:
+            return call_like_a_pipeline(self.model, self.inputs)
+        self.graph.replay()
+        return self.output
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -202,9 +273,9 @@ class Report:
 
     # The tables, built from the raw rows each time.
 
-    def eager_summary(self) -> str:
-        rows, methods = [], self._eager_methods()
-        for label, group in self._eager_groups().items():
+    def eager_summary(self, key: str = "eager") -> str:
+        rows, methods = [], self._eager_methods(key)
+        for label, group in self._eager_groups(key).items():
             row: dict[str, Any] = {"setting": label}
             stock = group.get(STOCK, {})
             row["stock ms"] = _ms(stock.get("seconds"))
@@ -327,7 +398,11 @@ class Report:
              "kernels: CUDA kernels launched by one forward (copies and memsets not counted); attention: kernels whose "
              "names look like attention (flash, fmha, sdpa, attention, softmax...; names in gpu.json).",
              self.profiler_table()),
-            (f"## 4. torch.compile ({compiled.get('setting') or 'SD 2.1 768 b2'})",
+            ("## 4. CUDA graphs: each eager UNet call recorded once and replayed (speed-up over replayed stock, "
+             "error vs eager stock)",
+             "No launch overhead: the GPU time a pipeline gets with CUDA graphs. One recorded copy per method, "
+             "replayed round by round; median of the timed rounds.", self.eager_summary("graphs")),
+            (f"## 5. torch.compile ({compiled.get('setting') or 'SD 2.1 768 b2'})",
              "compile s: the first call, compiling and running (reduce-overhead: the first three, which record "
              "the CUDA graphs). Speed-ups against eager and compiled stock timed in the same rounds.",
              self.compiled_table()),
@@ -348,6 +423,7 @@ class Report:
         for title, table in (
             ("operator", self.operator_table()),
             ("eager UNet: speed-up (error)", self.eager_summary()),
+            ("CUDA graphs: speed-up (error)", self.eager_summary("graphs")),
             ("profiler", self.profiler_table()),
             ("compiled", self.compiled_table()),
         ):
@@ -357,14 +433,14 @@ class Report:
         notes = [f"- {n}" for n in dict.fromkeys(self.payload["notes"])]
         return "\n".join(parts + ([""] + checks if checks else []) + ([""] + notes if notes else []))
 
-    def _eager_groups(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def _eager_groups(self, key: str = "eager") -> dict[str, dict[str, dict[str, Any]]]:
         groups: dict[str, dict[str, dict[str, Any]]] = {}
-        for row in self.payload["eager"]:
+        for row in self.payload[key]:
             groups.setdefault(row["setting"], {})[row["method"]] = row
         return groups
 
-    def _eager_methods(self) -> list[str]:
-        names = [row["method"] for row in self.payload["eager"] if row["method"] != STOCK]
+    def _eager_methods(self, key: str = "eager") -> list[str]:
+        names = [row["method"] for row in self.payload[key] if row["method"] != STOCK]
         return list(dict.fromkeys(names))
 
 
@@ -397,6 +473,9 @@ class Benchmark:
         self.quick = args.quick
         self.budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
         self.variants = args.mame_variant
+        label = ", ".join(f"{k}={v}" for k, v in args.compile_mame.items())
+        #: The MaMe method of the compiled sections: the defaults, or --compile-mame's settings.
+        self.compiled_mame = f"MaMe {label}" if label else MAME_DEFAULTS
         self._pool: tuple[str, dict[str, torch.nn.Module], dict[str, str]] | None = None
         self._latents_kind: set[str] = set()
         self._compile: dict[str, Any] = {}
@@ -422,6 +501,7 @@ class Benchmark:
                 "operator": [],
                 "eager": [],
                 "profiler": [],
+                "graphs": [],
                 "compiled": {"setting": None, "rows": [], "checks": {}},
                 "notes": [],
             },
@@ -516,8 +596,14 @@ class Benchmark:
             compile_estimates = {"mame": 200, "stock": 150, "operator": 60, "ratio": 200, "ro": 300}
         else:
             compile_estimates = {"mame": 20, "stock": 15, "operator": 5, "ratio": 15, "ro": 20}
+        previous = None
+        for setting in graph_settings(quick):
+            calls = (setting.warmup + setting.repeats + 3) * len(graph_methods(self.variants, setting.sdxl)[0])
+            build = (5 if quick else (25 if setting.sdxl else 12))
+            estimate = build + calls * setting.per_call
+            sections.append((f"graphs {setting.label}", estimate, lambda s=setting: self.graphs(s)))
         sections += [
-            ("compiled MaMe defaults", compile_estimates["mame"], lambda: self.compiled(MAME_DEFAULTS)),
+            ("compiled MaMe", compile_estimates["mame"], lambda: self.compiled(self.compiled_mame)),
             ("compiled stock", compile_estimates["stock"], lambda: self.compiled(STOCK)),
             ("operator compiled", compile_estimates["operator"], self.operator_compiled),
             ("compiled ratio change", compile_estimates["ratio"], self.ratio_change),
@@ -684,7 +770,50 @@ class Benchmark:
                 share = "?" if share is None else f"{share:.1%}"
                 self.log(f"  profiled {name}: {entry.get('kernels')} kernels, attention {share} of kernel time")
 
-    # 3. torch.compile.
+    # 4. CUDA graphs.
+
+    def graphs(self, setting: UNetSetting) -> None:
+        """Each method's patched copy recorded into a CUDA graph at ``setting`` and replayed
+        round by round; errors against eager stock."""
+        self.release_copies()
+        methods, notes = graph_methods(self.variants, setting.sdxl)
+        for text in notes:
+            self.note(text)
+        if self.device.type != "cuda":
+            self.note("not on CUDA: the CUDA-graph sections call the models eagerly (a check of the script only)")
+        base = self.build(setting.model)
+        models, patch_errors = patched_copies(base, methods)
+        del base
+        hw = (setting.resolution // 8, setting.resolution // 8)
+        inputs = unet_inputs(next(iter(models.values())), hw, latents=self.latents(hw, setting.batch))
+        with torch.inference_mode():
+            reference = call_like_a_pipeline(models[STOCK], inputs).float()
+        graphed: dict[str, torch.nn.Module] = {}
+        for name, model in models.items():
+            try:
+                graphed[name] = GraphedUNet(model, inputs)
+            except Exception as error:  # recorded in the table; the others still run
+                patch_errors[name] = f"recording: {_describe(error)}"
+                self.free()
+        rows = compare_unet_copies(
+            graphed, inputs, repeats=setting.repeats, warmup=setting.warmup,
+            call=lambda model, _: model(), reference=reference,
+        )
+        rows += [{"method": name, "failed": message} for name, message in patch_errors.items()]
+        for row in rows:
+            row.update(setting=setting.label, model=setting.model, resolution=setting.resolution, batch=setting.batch)
+            for key in ("activation_mib", "peak_mib", "max_allocated_mib"):  # replays allocate nothing
+                row.pop(key, None)
+        self.report.payload["graphs"].extend(rows)
+        by_name = {r["method"]: r for r in rows}
+        summary = [f"stock {_ms(by_name[STOCK].get('seconds')) or float('nan'):.1f} ms"] if STOCK in by_name else []
+        summary += [
+            f"{r['method']} {_speedup_cell(r) if r.get('speedup') is not None else 'failed'}" for r in rows[1:]
+        ]
+        self.log("  " + " | ".join(summary))
+        del graphed, models
+
+    # 5. torch.compile.
 
     def compile_state(self) -> dict[str, Any]:
         """SD 2.1 at 768, batch 2: a stock copy and a MaMe-defaults copy, their inputs, and
@@ -692,12 +821,12 @@ class Benchmark:
         if self._compile:
             return self._compile
         self.release_copies()
-        model, resolution = ("tiny-sd", 128) if self.quick else ("sd21", 768)
+        model, resolution = ("tiny-sd", 128) if self.quick else ("sd21", self.args.compile_resolution)
         setting = UNetSetting(model, resolution, 2, 1, 6, 0.0)
         backend = self.args.compile_backend
         self.report.payload["compiled"]["setting"] = f"{setting.label}, torch.compile backend {backend}"
         base = self.build(model)
-        methods = [named(baseline(), STOCK), named(mame(), MAME_DEFAULTS)]
+        methods = [named(baseline(), STOCK), named(mame(**self.args.compile_mame), self.compiled_mame)]
         models, errors = patched_copies(base, methods)
         del base
         if errors:
@@ -757,13 +886,14 @@ class Benchmark:
     ) -> None:
         """Time the compiled models with eager stock and eager MaMe, round by round, and
         rebuild the compiled table from every timing so far."""
-        models = {f"{STOCK} (eager)": state["eager"][STOCK], f"{MAME_DEFAULTS} (eager)": state["eager"][MAME_DEFAULTS]}
+        mame_name = self.compiled_mame
+        models = {f"{STOCK} (eager)": state["eager"][STOCK], f"{mame_name} (eager)": state["eager"][mame_name]}
         models.update({k: m for k, (m, _, _) in compiled.items()})
         warmup, repeats = (1, 2) if self.quick else (2, 6)
         rows = compare_unet_copies(
             models, state["inputs"], repeats=repeats, warmup=warmup, reference=state["reference"], on_call=on_call
         )
-        meta = {f"{STOCK} (eager)": (STOCK, "eager"), f"{MAME_DEFAULTS} (eager)": (MAME_DEFAULTS, "eager")}
+        meta = {f"{STOCK} (eager)": (STOCK, "eager"), f"{mame_name} (eager)": (mame_name, "eager")}
         meta.update({k: (name, mode) for k, (_, name, mode) in compiled.items()})
         for row in rows:
             state["timings"][meta[row["method"]]] = row
@@ -797,10 +927,10 @@ class Benchmark:
         """Re-apply MaMe with another ratio to the model inside the compiled wrapper, then call
         the compiled model again: it must run, and agree with eager MaMe at the new ratio."""
         state = self._compile
-        if MAME_DEFAULTS not in state.get("compiled", {}):
+        if self.compiled_mame not in state.get("compiled", {}):
             raise SectionSkipped("needs the model compiled by 'compiled MaMe defaults', which did not run")
         checks = self.report.payload["compiled"]["checks"]
-        compiled = state["compiled"][MAME_DEFAULTS]
+        compiled = state["compiled"][self.compiled_mame]
         inner = compiled._orig_mod
         inputs = state["inputs"]
         with torch.inference_mode():
@@ -817,7 +947,7 @@ class Benchmark:
                 seconds = time.perf_counter() - start
                 eager = call_like_a_pipeline(inner, inputs).float()
             finally:
-                apply_mame(inner)  # back to the defaults the other compiled sections expect
+                apply_mame(inner, **self.args.compile_mame)  # back to what the other compiled sections expect
         changed = float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before))
         agreement = float(torch.linalg.vector_norm(after - eager) / torch.linalg.vector_norm(eager))
         checks["ratio change after compile runs"] = f"True (first call after the change: {seconds:.1f} s)"
@@ -833,7 +963,7 @@ class Benchmark:
         # CUDA graphs replay into the same output buffers: mark each new call as a new step.
         mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
         compiled = {}
-        for name in (STOCK, MAME_DEFAULTS):
+        for name in (STOCK, self.compiled_mame):
             # Three calls: CUDA graphs are recorded on the calls after the first.
             model = self.first_compiled_call(state, name, "reduce-overhead", calls=3, on_call=mark)
             if model is not None:
@@ -901,6 +1031,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-backend", default="inductor",
         help="torch.compile backend (inductor; 'aot_eager' checks the compiled sections' code in seconds on a CPU)",
+    )
+    parser.add_argument(
+        "--compile-resolution", type=int, default=768, help="SD 2.1 resolution of the compiled sections (batch 2)"
+    )
+    parser.add_argument(
+        "--compile-mame", type=parse_variant, default={}, metavar="KEY=VALUE[,KEY=VALUE]",
+        help="settings of the compiled sections' MaMe copy (default: MaMe's defaults), e.g. min_latent_tokens=0",
     )
     parser.add_argument("--quick", action="store_true", help="tiny models: check the script on any machine")
     return parser.parse_args(argv)
