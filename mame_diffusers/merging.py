@@ -16,7 +16,11 @@ The formulation (``docs/operator.md``; the method is from arXiv 2604.13432):
    least ``tau``; otherwise it stays with its own anchor. Built by comparison, never by
    ``one_hot``/``scatter``. A soft mode uses ``softmax(similarity / temperature)``.
 4. **Merge (MaMe).** ``Y = diag(n)^-1 A^T X`` with sizes ``n = A^T 1``.
-5. **Restore (MaRe).** ``X_hat = A @ O``: every token receives its slot's output.
+5. **Restore (MaRe).** ``X_hat = A @ O``: every token receives its slot's output. Optional
+   refinements (``docs/operator.md``, section 6): ``refine`` moves the anchors to the means
+   of their slots and assigns again (k-means steps), and ``restore="affine"`` gives each
+   token the affine combination of nearby slots' outputs that best rebuilds its own input
+   from the slots' inputs (a ridge least-squares fit, one small solve per block).
 
 Every step is a matrix product, a comparison, a reduction, padding or a reshape, so all
 shapes follow from ``(N, H, W, ratio)`` alone and the whole path compiles into a single
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from .defaults import ANCHORS, DEFAULT_ANCHOR, DEFAULT_BLOCK, DEFAULT_HALO, DEFAULT_TAU
 
 __all__ = [
+    "AFFINE_RIDGE",
     "ANCHORS",
     "DEFAULT_ANCHOR",
     "DEFAULT_BLOCK",
@@ -46,6 +51,7 @@ __all__ = [
     "MergeLayout",
     "MergePlan",
     "OperatorSettings",
+    "RESTORES",
     "check_merge_settings",
     "merge_layout",
     "plan_merge",
@@ -56,6 +62,22 @@ __all__ = [
 # Similarity given to candidates that do not exist (outside the grid, or empty anchors):
 # below any cosine, so never the best match and never above ``tau``.
 _INVALID_SIMILARITY = -2.0
+
+#: How merged outputs go back to the tokens: ``"copy"`` gives every token its slot's value,
+#: ``"affine"`` an affine combination of the slots in its reach fitted to its own input.
+RESTORES = ("copy", "affine")
+
+#: Ridge of the affine restore, relative to the mean squared norm of a block's slots: it pulls
+#: the fit towards plain copying. Measured on the layer benchmark (docs/fidelity.md): 0.01
+#: fits best with near-uniform attention, 0.1-0.3 with sharp attention; 0.1 is within a few
+#: percent of the best at both.
+AFFINE_RIDGE = 0.1
+
+
+def cuda_graph_recording(device: torch.device | str) -> bool:
+    """Whether the current stream of ``device`` is recording a CUDA graph (launches then cost
+    nothing at replay, and kernels do not run until it)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def is_number(value: Any) -> bool:
@@ -88,6 +110,8 @@ def check_merge_settings(
     anchor: str = "strided",
     temperature: float | None = None,
     straight_through: bool = False,
+    refine: int = 0,
+    restore: str = "copy",
 ) -> float:
     """Validate merge settings up front, with messages that say what is allowed.
 
@@ -107,6 +131,10 @@ def check_merge_settings(
         raise ValueError(f"straight_through must be True or False, got {straight_through!r}")
     if straight_through and temperature is None:
         raise ValueError("straight_through needs a temperature (it is a soft-assignment mode)")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int (anchor refinement steps), got {refine!r}")
+    if restore not in RESTORES:
+        raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
     return tau
 
 
@@ -223,6 +251,10 @@ class MergeLayout:
             return self._build_constant(name, device, dtype)
         key = (name, torch.device(device), dtype)
         tensor = self._constants.get(key)
+        if tensor is None and cuda_graph_recording(device):
+            # A CUDA graph being recorded runs none of its kernels: a constant kept from now
+            # would hold garbage until the graph's first replay. Record it with the graph.
+            return self._build_constant(name, device, dtype)
         if tensor is None:
             # Never an inference tensor, even when first asked for under inference_mode:
             # training later uses the same constants.
@@ -250,7 +282,7 @@ class MergeLayout:
             counts = present @ self.constant("own_anchor", device, dtype)
             valid = self.gather_windows(self.anchor_grid(counts[..., None]))[0, ..., 0] > 0
             own_bonus = 64 * torch.finfo(dtype).eps * self.constant("own_candidate", device, dtype)
-            return torch.where(valid[:, None, :], own_bonus, torch.tensor(-math.inf, device=device, dtype=dtype))
+            return torch.where(valid[:, None, :], own_bonus, -math.inf)
         if name == "own_floor":  # (T, K): 0 at the own anchor, -inf elsewhere
             own = self.constant("own_candidate", device, dtype)
             return torch.where(own > 0, torch.zeros_like(own), torch.full_like(own, -math.inf))
@@ -442,12 +474,16 @@ class MergePlan:
     merge_weights: torch.Tensor
     #: ``(B, M)``: how many tokens each merged slot stands for; 0 for an empty slot.
     sizes: torch.Tensor
+    #: How :meth:`restore` spreads merged values back (one of :data:`RESTORES`).
+    restore_mode: str = "copy"
     # The planned tokens in block layout, so that merging them again skips one reshuffle.
     _source: torch.Tensor | None = field(default=None, repr=False)
     _source_blocks: torch.Tensor | None = field(default=None, repr=False)
     # ``sizes`` clamped away from 0, as merging divides by them.
     _clamped_sizes: torch.Tensor | None = field(default=None, repr=False)
     _biases: dict = field(default_factory=dict, repr=False)
+    # The affine restore's weights, fitted on first use (plans that never restore skip it).
+    _affine_weights: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_merged(self) -> int:
@@ -469,11 +505,35 @@ class MergePlan:
         return self.layout.scatter_windows(sums).contiguous()
 
     def restore(self, merged: torch.Tensor) -> torch.Tensor:
-        """MaRe: ``(B, M, C')`` -> ``(B, N, C')``; every token receives its slot's value."""
+        """MaRe: ``(B, M, C')`` -> ``(B, N, C')``; every token receives its slot's value
+        (``restore_mode="copy"``) or its fitted combination of nearby slots' values
+        (``"affine"``, see :attr:`restore_weights`)."""
         self._check(merged, self.layout.num_merged, "restore")
         grid = merged.reshape(merged.shape[0], *self.merged_hw, merged.shape[-1])
         candidates = self.layout.gather_windows(grid)
-        return self.layout.from_blocks(self.assignment.to(merged.dtype) @ candidates)
+        return self.layout.from_blocks(self.restore_weights.to(merged.dtype) @ candidates)
+
+    @property
+    def restore_weights(self) -> torch.Tensor:
+        """``(B, blocks, T, K)``: how much of each candidate slot's value a token receives.
+
+        ``"copy"``: the assignment itself. ``"affine"``: the assignment plus the ridge
+        least-squares correction that best rebuilds each planned token from the merged
+        planned tokens in its reach, with weights that sum to one (an affine combination, so
+        a constant stays constant). A function of the tokens that is close to linear around
+        them, as attention mostly is, is then restored to first order in what the copy
+        misses. Fitted once per plan, on first use.
+        """
+        if self.restore_mode == "copy":
+            return self.assignment
+        if self._affine_weights is None:
+            if self._source is None or self._source_blocks is None:
+                raise ValueError("the affine restore needs the planned tokens: make the plan with plan_merge")
+            means = self.merge(self._source).reshape(self._source.shape[0], *self.merged_hw, -1)
+            self._affine_weights = _affine_restore_weights(
+                self.layout, self._source_blocks, means, self.assignment, self.sizes, AFFINE_RIDGE
+            )
+        return self._affine_weights
 
     def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
         """:func:`proportional_attention_bias` of the sizes, ``(B, M)``; computed once per plan."""
@@ -508,6 +568,8 @@ def plan_merge(
     temperature: float | None = None,
     straight_through: bool = False,
     sizes: torch.Tensor | None = None,
+    refine: int = 0,
+    restore: str = "copy",
 ) -> MergePlan:
     """Plan how the tokens ``x`` of shape ``(B, N, C)`` on an ``hw = (H, W)`` grid merge.
 
@@ -533,6 +595,13 @@ def plan_merge(
             and the soft one's gradient.
         sizes: optional ``(B, N)`` weights of the tokens (how many original tokens each
             already stands for; 0 marks a slot to ignore), for merging merged tokens again.
+        refine: anchor refinement steps: assign, move every non-empty anchor to the
+            (size-weighted) mean of its slot, assign again. Each step costs one more
+            similarity product and one more merge product while planning.
+        restore: ``"copy"`` (every token gets its slot's value) or ``"affine"`` (each
+            token gets the affine combination of the slots in its reach that best rebuilds
+            its own input: :attr:`MergePlan.restore_weights`), fitted when the plan first
+            restores.
     """
     if x.ndim != 3:
         raise ValueError(f"x must have shape (batch, tokens, channels), got {tuple(x.shape)}")
@@ -544,6 +613,8 @@ def plan_merge(
         anchor=anchor,
         temperature=temperature,
         straight_through=straight_through,
+        refine=refine,
+        restore=restore,
     )
     layout = merge_layout(hw, ratio, block=block, halo=halo)
     batch, num_tokens, _ = x.shape
@@ -555,7 +626,15 @@ def plan_merge(
     if sizes is not None and tuple(sizes.shape) != (batch, num_tokens):
         raise ValueError(f"sizes must have shape {(batch, num_tokens)}, got {tuple(sizes.shape)}")
     return plan_on_layout(
-        x, layout, tau=tau, anchor=anchor, temperature=temperature, straight_through=straight_through, sizes=sizes
+        x,
+        layout,
+        tau=tau,
+        anchor=anchor,
+        temperature=temperature,
+        straight_through=straight_through,
+        sizes=sizes,
+        refine=refine,
+        restore=restore,
     )
 
 
@@ -568,9 +647,10 @@ def plan_on_layout(
     temperature: float | None,
     straight_through: bool,
     sizes: torch.Tensor | None = None,
+    refine: int = 0,
+    restore: str = "copy",
 ) -> MergePlan:
     """:func:`plan_merge` on a ready layout, with settings already checked: the hot path."""
-    batch = x.shape[0]
     dtype, device = x.dtype, x.device
     # Similarities are compared in at least float32: the own anchor's tie-break is finer
     # than half precision.
@@ -583,21 +663,26 @@ def plan_on_layout(
     else:
         token_weights = None  # every token weighs 1
 
-    # Anchors, normalised on the (small) merged grid, then spread to the candidate windows.
-    anchors = _anchors(x, token_blocks, token_weights, layout, anchor)
-    candidates = layout.gather_windows(F.normalize(anchors, dim=-1))
-    # Token norms are left out: they scale a token's row, which leaves its best candidate as
-    # it is. Scores are similarities times the token norm.
-    similarity = token_blocks @ candidates.transpose(-1, -2)
-    score = similarity + layout.constant("candidate_bias", device, score_dtype)
+    candidate_bias = layout.constant("candidate_bias", device, score_dtype)
     if sizes is not None:
         # Cells whose tokens all weigh 0 have no anchor.
         counts = token_weights @ layout.own_anchor_matrix(device, dtype)
         exists = layout.gather_windows(layout.anchor_grid(counts[..., None]))[..., 0] > 0
-        score = torch.where(exists[:, :, None, :], score, torch.full_like(score, -math.inf))
-
+        candidate_bias = torch.where(exists[:, :, None, :], candidate_bias, -math.inf)
     needs_norms = temperature is not None or -1.0 < tau < 1.0 and tau != 0.0
     token_norms = torch.linalg.vector_norm(token_blocks, dim=-1, keepdim=True) if needs_norms else None
+
+    anchors = _anchors(x, token_blocks, token_weights, layout, anchor)
+    for _ in range(refine):
+        # A k-means step: every anchor moves to the mean of the tokens that chose it; an
+        # anchor nobody chose stays where it was (its slot would otherwise vanish).
+        hard = _hard_assignment(_similarity(token_blocks, anchors, layout) + candidate_bias, layout, tau, token_norms)
+        merge_weights, slot_sizes, _ = _slot_weights(hard, token_weights, layout, score_dtype)
+        means = layout.scatter_windows(merge_weights.to(dtype).transpose(-1, -2) @ token_blocks)
+        anchors = torch.where(slot_sizes > 0, means, anchors.reshape_as(means)).reshape_as(anchors)
+
+    similarity = _similarity(token_blocks, anchors, layout)
+    score = similarity + candidate_bias
     hard = _hard_assignment(score, layout, tau, token_norms)
     if temperature is None:
         assignment = hard
@@ -612,22 +697,84 @@ def plan_on_layout(
         soft = torch.softmax(logits.to(score_dtype), dim=-1).to(dtype)
         assignment = hard + (soft - soft.detach()) if straight_through else soft
 
-    weighted = assignment if token_weights is None else assignment * token_weights[..., None]
-    slot_sizes = layout.scatter_windows(weighted.sum(dim=-2, dtype=score_dtype)[..., None])
-    # Each token's share of its slot's mean. Empty slots receive nothing, so the clamp that
-    # keeps their reciprocal finite never shows.
-    clamped = slot_sizes.clamp_min(torch.finfo(score_dtype).tiny)
-    inverse_windows = layout.gather_windows(clamped.reciprocal().reshape(batch, *layout.merged_hw, 1))
-    merge_weights = (weighted * inverse_windows.transpose(-1, -2)).to(dtype)
+    merge_weights, slot_sizes, clamped = _slot_weights(assignment, token_weights, layout, score_dtype)
     return MergePlan(
         layout=layout,
         assignment=assignment,
-        merge_weights=merge_weights,
+        merge_weights=merge_weights.to(dtype),
         sizes=slot_sizes[..., 0],
+        restore_mode=restore,
         _source=x,
         _source_blocks=token_blocks,
         _clamped_sizes=clamped[..., 0],
     )
+
+
+def _similarity(token_blocks: torch.Tensor, anchors: torch.Tensor, layout: MergeLayout) -> torch.Tensor:
+    """``(B, blocks, T, K)``: each token's similarity to its candidate anchors.
+
+    Anchors are normalised on the (small) merged grid, then spread to the candidate windows.
+    Token norms are left out: they scale a token's row, which leaves its best candidate as it
+    is. Scores are cosine similarities times the token norm.
+    """
+    candidates = layout.gather_windows(F.normalize(anchors, dim=-1))
+    return token_blocks @ candidates.transpose(-1, -2)
+
+
+def _slot_weights(
+    assignment: torch.Tensor, token_weights: torch.Tensor | None, layout: MergeLayout, score_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge weights (each token's share of its slot's mean), slot sizes ``(B, M, 1)`` and
+    the sizes clamped away from 0."""
+    batch = assignment.shape[0]
+    weighted = assignment if token_weights is None else assignment * token_weights[..., None]
+    slot_sizes = layout.scatter_windows(weighted.sum(dim=-2, dtype=score_dtype)[..., None])
+    # Empty slots receive nothing, so the clamp that keeps their reciprocal finite never shows.
+    clamped = slot_sizes.clamp_min(torch.finfo(score_dtype).tiny)
+    inverse_windows = layout.gather_windows(clamped.reciprocal().reshape(batch, *layout.merged_hw, 1))
+    return weighted * inverse_windows.transpose(-1, -2), slot_sizes, clamped
+
+
+def _affine_restore_weights(
+    layout: MergeLayout,
+    token_blocks: torch.Tensor,
+    means: torch.Tensor,
+    assignment: torch.Tensor,
+    sizes: torch.Tensor,
+    ridge: float,
+) -> torch.Tensor:
+    """``(B, blocks, T, K)`` restore weights ``A + D``: the hard assignment ``A`` plus the
+    correction ``D`` that minimises, per token ``x`` with candidate slot means ``Z``,
+
+        ``||x - (a + d) Z||^2 + ridge * s * ||d||^2``  subject to  ``sum(d) = 0``,
+
+    where ``s`` is the mean squared norm of the block's slot means. The solution is
+    ``d = P^-1 r - nu P^-1 1`` with ``P = Z Z^T + ridge s I``, ``r = Z (x - a Z)`` and ``nu``
+    the multiplier that makes ``d`` sum to 0: one ``K x K`` solve per block, shared by its
+    tokens. Candidates that are no slot (outside the grid, or empty) get no weight.
+    """
+    fit_dtype = torch.promote_types(token_blocks.dtype, torch.float32)
+    device = token_blocks.device
+    candidates = layout.gather_windows(means.to(fit_dtype))
+    in_grid = layout.constant("candidate_bias", device, fit_dtype)[:, 0] > -math.inf  # (blocks, K)
+    occupied = layout.gather_windows(sizes.reshape(sizes.shape[0], *layout.merged_hw, 1))[..., 0] > 0
+    valid = (in_grid & occupied).to(fit_dtype)  # (B, blocks, K)
+    candidates = candidates * valid[..., None]
+    gram = candidates @ candidates.transpose(-1, -2)
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / valid.sum(-1).clamp_min(1.0)
+    eye = torch.eye(layout.num_candidates, device=device, dtype=fit_dtype)
+    # Missing candidates get a unit row of their own, so P stays invertible and their
+    # correlations (all zero) give them zero weight.
+    diagonal = (ridge * valid + (1.0 - valid)) * scale[..., None].clamp_min(torch.finfo(fit_dtype).tiny)
+    system = gram + eye * diagonal[..., None, :]
+    hard = assignment.to(fit_dtype)
+    residual = token_blocks.to(fit_dtype) @ candidates.transpose(-1, -2) - hard @ gram  # rows of Z (x - a Z)
+    # One solve for every token's right-hand side and the ones vector (P is symmetric).
+    rhs = torch.cat([residual.transpose(-1, -2), valid[..., None]], dim=-1)
+    solved = torch.linalg.solve(system, rhs).transpose(-1, -2)
+    fitted, ones = solved[..., :-1, :], solved[..., -1:, :]
+    multiplier = fitted.sum(-1, keepdim=True) / ones.sum(-1, keepdim=True).clamp_min(torch.finfo(fit_dtype).tiny)
+    return hard + (fitted - multiplier * ones) * valid[..., None, :]
 
 
 def _anchors(
@@ -721,7 +868,9 @@ class OperatorSettings:
 
     Subclasses (``MaMeConfig``, ``VisionMaMeConfig``) declare the fields ``tau``, ``block``,
     ``halo``, ``anchor``, ``temperature`` and ``straight_through`` with their own defaults;
-    this mixin validates them and plans merges with them, in one place.
+    this mixin validates them and plans merges with them, in one place. ``refine`` and
+    ``restore`` default to the operator's own defaults here; a subclass may declare them as
+    fields too.
     """
 
     tau: float
@@ -730,6 +879,8 @@ class OperatorSettings:
     anchor: str
     temperature: float | None
     straight_through: bool
+    refine: int = 0
+    restore: str = "copy"
 
     @property
     def operator_options(self) -> dict[str, Any]:
@@ -741,6 +892,8 @@ class OperatorSettings:
             "anchor": self.anchor,
             "temperature": self.temperature,
             "straight_through": self.straight_through,
+            "refine": self.refine,
+            "restore": self.restore,
         }
 
     def check_operator_settings(self, ratio: float) -> float:
@@ -763,6 +916,8 @@ class OperatorSettings:
             temperature=self.temperature,
             straight_through=self.straight_through,
             sizes=sizes,
+            refine=self.refine,
+            restore=self.restore,
         )
 
     def remember_layout_settings(self, *ratio_names: str) -> None:

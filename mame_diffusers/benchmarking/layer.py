@@ -7,13 +7,14 @@ Every method takes ``(attn, tokens, hw, num_merged)`` and returns the layer outp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..diffusers_integration import MaMeProcessor, _GridTracker
+from ..diffusers_integration import MaMeConfig, MaMeProcessor
 from .photos import PHOTOS, photo_tokens
 from .timing import median_seconds
 
@@ -33,14 +34,25 @@ def full_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], n
     return attn(tokens)
 
 
+@dataclass(frozen=True)
+class RefinedMaMeConfig(MaMeConfig):
+    """:class:`MaMeConfig` with the operator's ``refine`` and ``restore`` options as fields
+    (see :func:`mame_diffusers.plan_merge`), for benchmarks on the real processor."""
+
+    refine: int = 0
+    restore: str = "copy"
+
+
 def mame_attention(**settings) -> LayerMethod:
-    """MaMe through the real processor, told the grid as apply_mame's hooks would."""
+    """MaMe through the real processor, on the grid as a ``(B, C, H, W)`` input tells it
+    (a bare processor: no UNet tracker, and this call is its largest, so level 1)."""
 
     def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
-        processor = MaMeProcessor(**settings)
-        processor._grid = _GridTracker(latent_hw=hw, current_hw=hw, top_downsample=1)
+        processor = MaMeProcessor(config=RefinedMaMeConfig(**{"min_latent_tokens": 0, **settings}))
         attn.set_processor(processor)
-        out = attn(tokens)
+        batch, _, channels = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
+        out = attn(grid).flatten(2).transpose(1, 2)
         attn.set_processor(AttnProcessor2_0())
         return out
 
