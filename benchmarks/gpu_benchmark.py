@@ -16,7 +16,7 @@ it ends, so that a crash or the time limit loses only the section that was runni
    recorded once into a CUDA graph and replayed: the GPU time without launch overhead, which
    is what CUDA graphs give a pipeline, and where merging small attention may pay. Adds MaMe
    merging every call (``min_latent_tokens=0``) to the methods.
-4. **compiled**: ``torch.compile`` of the SD 2.1 UNet at 768 (``--compile-resolution``),
+4. **compiled**: ``torch.compile`` of the SD 2.1 UNet at 768 (``--compile-model``, ``--compile-resolution``),
    MaMe (defaults, or ``--compile-mame``'s settings) then stock: compile time, ms, speed-ups
    over eager and compiled stock; then ``plan_merge`` + ``merge`` compiled; whether changing
    MaMe's ratio on the compiled model works; and ``mode="reduce-overhead"`` (these last two
@@ -821,7 +821,10 @@ class Benchmark:
         if self._compile:
             return self._compile
         self.release_copies()
-        model, resolution = ("tiny-sd", 128) if self.quick else ("sd21", self.args.compile_resolution)
+        tiny = {"sd21": ("tiny-sd", 128), "sdxl": ("tiny-sdxl", 256)}
+        model, resolution = tiny[self.args.compile_model] if self.quick else (
+            self.args.compile_model, self.args.compile_resolution
+        )
         setting = UNetSetting(model, resolution, 2, 1, 6, 0.0)
         backend = self.args.compile_backend
         self.report.payload["compiled"]["setting"] = f"{setting.label}, torch.compile backend {backend}"
@@ -1032,8 +1035,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-backend", default="inductor",
         help="torch.compile backend (inductor; 'aot_eager' checks the compiled sections' code in seconds on a CPU)",
     )
+    parser.add_argument("--compile-model", choices=("sd21", "sdxl"), default="sd21", help="UNet of the compiled sections")
     parser.add_argument(
-        "--compile-resolution", type=int, default=768, help="SD 2.1 resolution of the compiled sections (batch 2)"
+        "--compile-resolution", type=int, default=768, help="resolution of the compiled sections (batch 2)"
     )
     parser.add_argument(
         "--compile-mame", type=parse_variant, default={}, metavar="KEY=VALUE[,KEY=VALUE]",

@@ -33,10 +33,17 @@ DEFAULT_STACK_RATIO = 0.5
 DEFAULT_STACK_MIN_LAYERS = 4
 #: Per device type, when ``min_latent_tokens`` is not given: UNet calls with fewer latent
 #: tokens in the batch (batch x latent height x width) than this run unmerged. Measured on an
-#: H200 (benchmarks/results/gpu_h200_run1): below it an eager SD forward is bound by kernel
-#: launches (~52 ms from 512 to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging
-#: can only add launches; at 2048 (batch 2) or 1024 (batch 8), the GPU bounds it and merging
-#: pays (1.96x, 1.27x). Compiled with inductor's default mode, SD 2.1 768 at batch 2 was
-#: still faster unmerged (merging: 0.90x, gpu_h200_run3_compiled), so the threshold holds
-#: there too. CPUs gain at every size.
-DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536}
+#: H200 (benchmarks/results/gpu_h200_run*):
+#:
+#: - ``"cuda"``, eager: below it an SD forward is bound by kernel launches (~31-52 ms from 512
+#:   to 1024 at batch 2, while the GPU is busy 12-34 ms), so merging mostly adds launches
+#:   (768 b2: 0.88-0.91x; SDXL 1024 b2: 0.71x); at 2048 (batch 2) or 1024 (batch 8) the GPU
+#:   bounds it and merging pays (1.96x, 1.27x). Compiled with inductor's default mode, SD 2.1
+#:   768 b2 was still faster unmerged (0.90x).
+#: - ``"cuda-graph"``, a call being recorded into a CUDA graph (``torch.cuda.graph``): replays
+#:   launch nothing, and merging pays from SD 2.1 768 b2 (1.08x; 1024 b2 1.21x, SDXL 1024 b2
+#:   1.15x), while 512 b2 is level (1.00x). ``torch.compile(mode="reduce-overhead")`` records
+#:   its graphs after tracing, where this cannot be seen: pass ``min_latent_tokens=16384``
+#:   there (SD 2.1 768 b2 1.09x, 1024 b2 1.36x over compiled stock).
+#: - CPUs gain at every size.
+DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536, "cuda-graph": 16384}

@@ -48,6 +48,7 @@ from .merging import (
     DEFAULT_TAU,
     MergePlan,
     OperatorSettings,
+    cuda_graph_recording,
     is_number,
 )
 
@@ -148,7 +149,10 @@ class MaMeConfig(OperatorSettings):
             return False
         threshold = self.min_latent_tokens
         if threshold is None:
-            threshold = DEFAULT_MIN_LATENT_TOKENS.get(device.type, 0)
+            kind = device.type
+            if not torch.compiler.is_compiling() and cuda_graph_recording(device):
+                kind = "cuda-graph"  # replays launch nothing: merging pays at smaller sizes
+            threshold = DEFAULT_MIN_LATENT_TOKENS.get(kind, 0)
         return latent_tokens >= threshold
 
     @property

@@ -77,7 +77,9 @@ AFFINE_RIDGE = 0.1
 def cuda_graph_recording(device: torch.device | str) -> bool:
     """Whether the current stream of ``device`` is recording a CUDA graph (launches then cost
     nothing at replay, and kernels do not run until it)."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
 
 
 def is_number(value: Any) -> bool:
