@@ -8,6 +8,7 @@ unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
     python benchmarks/unet_fidelity.py --sweep sd21 --resolution 768
     python benchmarks/unet_fidelity.py --sweep sd21-stack --resolution 768
     python benchmarks/unet_fidelity.py --sweep sdxl --resolution 1024 --repeats 2
+    python benchmarks/unet_fidelity.py --sweep sd21-restore --resolution 768 --repeats 1
 """
 
 from __future__ import annotations
@@ -17,10 +18,24 @@ import warnings
 
 import torch
 
+from mame_diffusers.benchmarking.layer import RefinedMaMeConfig
 from mame_diffusers.benchmarking.photos import photo_latent_batch
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-from mame_diffusers.benchmarking.unet import baseline, compare_unet, mame, tomesd_method
+from mame_diffusers.benchmarking.unet import Method, baseline, compare_unet, mame, tomesd_method
+from mame_diffusers.diffusers_integration import apply_mame_to_unet, remove_mame_from_unet
 from mame_diffusers.offline import build_unet, unet_inputs
+
+def refined_mame(**settings) -> Method:
+    """MaMe with the operator's ``refine``/``restore`` options, which MaMeConfig does not
+    declare yet (:class:`RefinedMaMeConfig`)."""
+    label = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return Method(
+        f"MaMe ({label})",
+        lambda unet: apply_mame_to_unet(unet, RefinedMaMeConfig(**settings)),
+        remove_mame_from_unet,
+        settings,
+    )
+
 
 # The settings worth comparing on each architecture: tomesd at its defaults and at the
 # max_downsample SDXL needs, MaMe at its defaults and at the settings that trade fidelity
@@ -45,6 +60,17 @@ SWEEPS = {
         mame(stack_min_layers=1),
         mame(stack_min_layers=1, stack_ratio=0.3),
         mame(stack_min_layers=1, max_downsample=1),
+    ],
+    # Symmetric merge+restore (query_share=1) against tomesd at matched max_downsample, with
+    # the operator's anchor refinement and affine restore (issue 12).
+    "sd21-restore": lambda: [
+        tomesd_method(0.75),
+        mame(query_share=1.0, max_downsample=1),
+        refined_mame(query_share=1.0, max_downsample=1, refine=1, restore="affine"),
+        tomesd_method(0.75, max_downsample=2),
+        mame(query_share=1.0),
+        refined_mame(query_share=1.0, restore="affine"),
+        refined_mame(query_share=1.0, refine=1, restore="affine"),
     ],
     "sdxl": lambda: [
         tomesd_method(0.75, max_downsample=2),

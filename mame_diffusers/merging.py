@@ -533,7 +533,7 @@ class MergePlan:
                 raise ValueError("the affine restore needs the planned tokens: make the plan with plan_merge")
             means = self.merge(self._source).reshape(self._source.shape[0], *self.merged_hw, -1)
             self._affine_weights = _affine_restore_weights(
-                self.layout, self._source_blocks, means, self.assignment, self.sizes, AFFINE_RIDGE
+                self.layout, self._source_blocks, means, self.assignment, AFFINE_RIDGE
             )
         return self._affine_weights
 
@@ -676,12 +676,13 @@ def plan_on_layout(
 
     anchors = _anchors(x, token_blocks, token_weights, layout, anchor)
     for _ in range(refine):
-        # A k-means step: every anchor moves to the mean of the tokens that chose it; an
-        # anchor nobody chose stays where it was (its slot would otherwise vanish).
+        # A k-means step: every anchor moves to the mean of the tokens that chose it. Only
+        # its direction counts (anchors are normalised), so the slot's sum serves: no sizes
+        # to divide by. A slot nobody chose sums to zero and offers every token a similarity
+        # of 0, so a token that no anchor fits may take it.
         hard = _hard_assignment(_similarity(token_blocks, anchors, layout) + candidate_bias, layout, tau, token_norms)
-        merge_weights, slot_sizes, _ = _slot_weights(hard, token_weights, layout, score_dtype)
-        means = layout.scatter_windows(merge_weights.to(dtype).transpose(-1, -2) @ token_blocks)
-        anchors = torch.where(slot_sizes > 0, means, anchors.reshape_as(means)).reshape_as(anchors)
+        weighted = hard.to(dtype) if token_weights is None else hard * token_weights[..., None]
+        anchors = layout.scatter_windows(weighted.transpose(-1, -2) @ token_blocks).reshape(anchors.shape)
 
     similarity = _similarity(token_blocks, anchors, layout)
     score = similarity + candidate_bias
@@ -738,45 +739,36 @@ def _slot_weights(
 
 
 def _affine_restore_weights(
-    layout: MergeLayout,
-    token_blocks: torch.Tensor,
-    means: torch.Tensor,
-    assignment: torch.Tensor,
-    sizes: torch.Tensor,
-    ridge: float,
+    layout: MergeLayout, token_blocks: torch.Tensor, means: torch.Tensor, assignment: torch.Tensor, ridge: float
 ) -> torch.Tensor:
     """``(B, blocks, T, K)`` restore weights ``A + D``: the hard assignment ``A`` plus the
     correction ``D`` that minimises, per token ``x`` with candidate slot means ``Z``,
 
         ``||x - (a + d) Z||^2 + ridge * s * ||d||^2``  subject to  ``sum(d) = 0``,
 
-    where ``s`` is the mean squared norm of the block's slot means. The solution is
-    ``d = P^-1 r - nu P^-1 1`` with ``P = Z Z^T + ridge s I``, ``r = Z (x - a Z)`` and ``nu``
-    the multiplier that makes ``d`` sum to 0: one ``K x K`` solve per block, shared by its
-    tokens. Candidates that are no slot (outside the grid, or empty) get no weight.
+    where ``s`` is the mean squared norm of the block's candidates. The solution is
+    ``d = P^-1 r - nu P^-1 v`` with ``P = Z Z^T + ridge s I``, ``r = Z (x - a Z)``, ``v``
+    marking the candidates that are slots and ``nu`` the multiplier that makes ``d`` sum to
+    0: one ``K x K`` solve per block, shared by its tokens.
+
+    Candidates that are no slot (outside the grid, or empty) have a zero mean, hence a zero
+    row in ``Z``: ``P`` keeps them apart from the rest, ``r`` and ``v`` are 0 there, and so
+    is their weight.
     """
     fit_dtype = torch.promote_types(token_blocks.dtype, torch.float32)
-    device = token_blocks.device
     candidates = layout.gather_windows(means.to(fit_dtype))
-    in_grid = layout.constant("candidate_bias", device, fit_dtype)[:, 0] > -math.inf  # (blocks, K)
-    occupied = layout.gather_windows(sizes.reshape(sizes.shape[0], *layout.merged_hw, 1))[..., 0] > 0
-    valid = (in_grid & occupied).to(fit_dtype)  # (B, blocks, K)
-    candidates = candidates * valid[..., None]
     gram = candidates @ candidates.transpose(-1, -2)
-    scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / valid.sum(-1).clamp_min(1.0)
-    eye = torch.eye(layout.num_candidates, device=device, dtype=fit_dtype)
-    # Missing candidates get a unit row of their own, so P stays invertible and their
-    # correlations (all zero) give them zero weight.
-    diagonal = (ridge * valid + (1.0 - valid)) * scale[..., None].clamp_min(torch.finfo(fit_dtype).tiny)
-    system = gram + eye * diagonal[..., None, :]
+    squared_norms = torch.diagonal(gram, dim1=-2, dim2=-1)
+    valid = (squared_norms > 0).to(fit_dtype)  # (B, blocks, K)
+    system = gram + torch.diag_embed(ridge * squared_norms.mean(dim=-1, keepdim=True).expand_as(squared_norms))
     hard = assignment.to(fit_dtype)
     residual = token_blocks.to(fit_dtype) @ candidates.transpose(-1, -2) - hard @ gram  # rows of Z (x - a Z)
-    # One solve for every token's right-hand side and the ones vector (P is symmetric).
+    # One solve for every token's right-hand side and for v (P is symmetric).
     rhs = torch.cat([residual.transpose(-1, -2), valid[..., None]], dim=-1)
     solved = torch.linalg.solve(system, rhs).transpose(-1, -2)
-    fitted, ones = solved[..., :-1, :], solved[..., -1:, :]
-    multiplier = fitted.sum(-1, keepdim=True) / ones.sum(-1, keepdim=True).clamp_min(torch.finfo(fit_dtype).tiny)
-    return hard + (fitted - multiplier * ones) * valid[..., None, :]
+    fitted, constraint = solved[..., :-1, :], solved[..., -1:, :]
+    multiplier = fitted.sum(dim=-1, keepdim=True) / constraint.sum(dim=-1, keepdim=True)
+    return hard + (fitted - multiplier * constraint)
 
 
 def _anchors(

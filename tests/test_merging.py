@@ -101,6 +101,71 @@ def test_restore_of_merge_is_exact_on_piecewise_constant_tokens(hw, ratio, tau):
     torch.testing.assert_close(plan.restore(plan.merge(x)), x, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hw,ratio,block,halo", [((16, 16), 0.75, 8, 2), ((32, 24), 0.9375, 8, 1), ((16, 16), 0.75, None, 0)])
+def test_affine_restore_is_exact_where_copying_is(hw, ratio, block, halo):
+    # Pieces aligned with the anchor cells: the copy is exact, and the fit has nothing to
+    # correct (refined anchors are the pieces' values).
+    layout = merge_layout(hw, ratio, block=block, halo=halo)
+    assert layout.uniform_cells
+    cell = (layout.block_h // layout.anchors_h, layout.block_w // layout.anchors_w)
+    x = piecewise_constant(2, hw, cell, 7)
+    plan = plan_merge(x, hw, ratio=ratio, block=block, halo=halo, refine=1, restore="affine")
+    torch.testing.assert_close(plan.restore(plan.merge(x)), x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [False, True])
+def test_affine_restore_rebuilds_every_token_at_least_as_well_as_copying(sizes):
+    # The fit minimises each token's reconstruction error plus a ridge, and copying is one
+    # of the candidates it considers: no token may come back worse, and on smooth real-ish
+    # tokens most come back clearly better. Rows sum to one (a constant stays constant) and
+    # slots that do not exist get no weight.
+    from mame_diffusers.benchmarking.photos import photo_tokens
+
+    x = torch.cat([photo_tokens("astronaut", (24, 20), channels=16), photo_tokens("coffee", (24, 20), channels=16)])
+    weights = None
+    if sizes:  # merged tokens merged again: some weigh 0 (empty slots)
+        weights = (torch.rand(2, 24 * 20, generator=torch.Generator().manual_seed(0)) * 3).floor()
+    copy = plan_merge(x, (24, 20), ratio=0.75, block=8, halo=1, sizes=weights)
+    affine = plan_merge(x, (24, 20), ratio=0.75, block=8, halo=1, sizes=weights, restore="affine")
+    merged = copy.merge(x)
+    torch.testing.assert_close(affine.merge(x), merged)
+    copy_error = (copy.restore(merged) - x).square().sum(-1)
+    affine_error = (affine.restore(merged) - x).square().sum(-1)
+    counted = weights > 0 if sizes else torch.ones_like(copy_error, dtype=torch.bool)
+    assert (affine_error[counted] <= copy_error[counted] * (1 + 1e-4) + 1e-6).all()
+    assert affine_error[counted].sum() < 0.8 * copy_error[counted].sum()
+    rows = affine.restore_weights.sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-4, atol=1e-4)
+    candidates_exist = affine.layout.gather_windows(affine.sizes.reshape(2, *affine.merged_hw, 1))[..., 0] > 0
+    assert (affine.restore_weights.abs() * ~candidates_exist[:, :, None, :]).max() == 0
+
+
+def test_refinement_moves_anchors_to_their_slot_means_and_tightens_slots():
+    # One k-means step: slots get tighter on real-photo tokens (lower within-slot squared
+    # error), the merged length stays, and zero steps is exactly the plain plan.
+    from mame_diffusers.benchmarking.photos import photo_tokens
+
+    x = photo_tokens("chelsea", (32, 32), channels=24)
+
+    def within_slot_error(plan):
+        return float((plan.restore(plan.merge(x)) - x).square().sum())
+
+    plain = plan_merge(x, (32, 32), ratio=0.75)
+    refined = [plan_merge(x, (32, 32), ratio=0.75, refine=steps) for steps in (1, 2)]
+    assert within_slot_error(refined[0]) < 0.97 * within_slot_error(plain)
+    assert within_slot_error(refined[1]) <= within_slot_error(refined[0]) * 1.01
+    assert refined[0].num_merged == plain.num_merged and torch.equal(
+        plan_merge(x, (32, 32), ratio=0.75, refine=0).assignment, plain.assignment
+    )
+
+
+def test_affine_restore_needs_the_planned_tokens():
+    plan = plan_merge(torch.randn(1, 64, 4), (8, 8), ratio=0.5, restore="affine")
+    plan._source = None
+    with pytest.raises(ValueError, match="planned tokens"):
+        plan.restore(torch.randn(1, plan.num_merged, 4))
+
+
 def test_ratio_zero_is_the_identity():
     x = torch.randn(2, 15 * 13, 8)
     plan = plan_merge(x, (15, 13), ratio=0.0, tau=-1.0)
@@ -229,7 +294,14 @@ def test_proportional_bias_is_log_size(dtype):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"temperature": 0.1}, {"temperature": 0.1, "straight_through": True}, {"anchor": "pooled"}]
+    "options",
+    [
+        {},
+        {"temperature": 0.1},
+        {"temperature": 0.1, "straight_through": True},
+        {"anchor": "pooled"},
+        {"refine": 1, "restore": "affine"},
+    ],
 )
 def test_gradients_reach_the_tokens(options):
     x = torch.randn(2, 16 * 16, 6, requires_grad=True)
@@ -267,6 +339,8 @@ def test_straight_through_forward_equals_hard():
         {"anchor": "random"},
         {"anchor": "pooled"},
         {"temperature": 0.1, "straight_through": True},
+        {"refine": 2, "restore": "affine"},
+        {"refine": 1, "restore": "affine", "block": None, "halo": 0},
     ],
 )
 def test_merge_path_has_no_banned_ops(options):
@@ -297,6 +371,9 @@ def test_merge_path_has_no_banned_ops(options):
         ({"ratio": 0.5, "anchor": "median"}, "anchor"),
         ({"ratio": 0.5, "temperature": 0.0}, "temperature"),
         ({"ratio": 0.5, "straight_through": True}, "straight_through"),
+        ({"ratio": 0.5, "refine": -1}, "refine"),
+        ({"ratio": 0.5, "refine": True}, "refine"),
+        ({"ratio": 0.5, "restore": "soft"}, "restore"),
     ],
 )
 def test_bad_settings_raise(kwargs, match):
@@ -342,6 +419,31 @@ def test_plan_and_merge_run_few_operations():
     assert sum(merge_counts.values()) <= 5, merge_counts
 
 
+def test_refinement_and_affine_restore_cost_a_bounded_number_of_operations():
+    # The symmetric path (query_share=1) at ratio 0.75: one refinement step adds one
+    # similarity product, one merge product and their bookkeeping; the affine restore is
+    # fitted once per plan, on its first restore (a plan that never restores pays nothing).
+    from mame_diffusers.benchmarking.ops import work_ops
+
+    x = torch.randn(2, 64 * 64, 320, device="meta")
+    with torch.inference_mode():
+        plan_merge(x, (64, 64), ratio=0.75, refine=1, restore="affine").restore(x[:, :1024])  # constants
+        plain = work_ops(lambda: plan_merge(x, (64, 64), ratio=0.75).merge(x))
+        refined = work_ops(lambda: plan_merge(x, (64, 64), ratio=0.75, refine=1).merge(x))
+        unrestored = work_ops(lambda: plan_merge(x, (64, 64), ratio=0.75, restore="affine").merge(x))
+        copy_plan = plan_merge(x, (64, 64), ratio=0.75)
+        affine_plan = plan_merge(x, (64, 64), ratio=0.75, restore="affine")
+        merged = copy_plan.merge(x)
+        copy_restore = work_ops(lambda: copy_plan.restore(merged))
+        first_restore = work_ops(lambda: affine_plan.restore(merged))
+        second_restore = work_ops(lambda: affine_plan.restore(merged))
+    assert sum(unrestored.values()) == sum(plain.values()), (unrestored, plain)
+    assert sum(refined.values()) - sum(plain.values()) <= 14, (refined, plain)
+    assert refined["aten::matmul"] + refined["aten::bmm"] <= plain["aten::matmul"] + plain["aten::bmm"] + 2
+    assert sum(first_restore.values()) - sum(copy_restore.values()) <= 26, first_restore
+    assert sum(second_restore.values()) <= sum(copy_restore.values())  # fitted once, kept
+
+
 def test_half_precision_merge_does_not_overflow_where_the_mean_fits():
     x = (100 + torch.randn(1, 64 * 64, 8)).half()
     plan = plan_merge(x, (64, 64), ratio=0.99, block=None)
@@ -360,13 +462,15 @@ def test_both_overlap_adds_agree(hw, ratio, block, halo):
     torch.testing.assert_close(layout._fold_windows(windows), layout._add_windows(windows))
 
 
-def test_compiled_operator_matches_eager():
+@pytest.mark.parametrize("options", [{}, {"refine": 1, "restore": "affine"}])
+def test_compiled_operator_matches_eager(options):
     # Inductor once lowered F.fold with these window strides to out-of-bounds writes; the
-    # compiled path takes slice additions instead, and must compute the same thing.
+    # compiled path takes slice additions instead, and must compute the same thing. The
+    # refinement loop and the affine restore's solve compile into the same single graph.
     x = torch.randn(2, 16 * 16, 8)
 
     def merge_and_restore(tokens):
-        plan = plan_merge(tokens, (16, 16), ratio=0.75, block=8, halo=2)
+        plan = plan_merge(tokens, (16, 16), ratio=0.75, block=8, halo=2, **options)
         return plan.restore(plan.merge(tokens) * 2), plan.sizes
 
     torch._dynamo.reset()
