@@ -125,6 +125,45 @@ class LayerBench:
         # Two photos, as a classifier-free-guidance pair would be.
         self.timing_batch = torch.cat([photo_tokens("astronaut", hw), photo_tokens("coffee", hw)])
 
+    @torch.no_grad()
+    def attention_entropy(self) -> float:
+        """Mean entropy of the layer's attention rows over ``log N`` (1: uniform), over photos,
+        heads and queries."""
+        attn, total = self.attn, 0.0
+        for tokens in self.tokens.values():
+            batch, num_tokens, _ = tokens.shape
+            query, key = attn.to_q(tokens), attn.to_k(tokens)
+            head_dim = query.shape[-1] // attn.heads
+            query = query.view(batch, num_tokens, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch, num_tokens, attn.heads, head_dim).transpose(1, 2)
+            log_p = torch.log_softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)
+            total += float(-(log_p.exp() * log_p).sum(-1).mean()) / math.log(num_tokens)
+        return total / len(self.tokens)
+
+    @torch.no_grad()
+    def sharpen(self, scale: float) -> None:
+        """Scale the query and key projections by ``scale`` (logits by ``scale**2``), as
+        training sharpens attention, and take new references. Scales compound."""
+        for projection in (self.attn.to_q, self.attn.to_k):
+            projection.weight.mul_(scale)
+            if projection.bias is not None:
+                projection.bias.mul_(scale)
+        self.references = {name: full_attention(self.attn, t, self.hw, 0) for name, t in self.tokens.items()}
+
+    def sharpen_to_entropy(self, target: float, steps: int = 12) -> float:
+        """Sharpen (bisection on the scale, from the layer as it is) until the attention
+        entropy is ``target`` (a fraction of ``log N``); returns the scale applied."""
+        low, high, applied = 1.0, 16.0, 1.0
+        for _ in range(steps):
+            middle = math.sqrt(low * high)
+            self.sharpen(middle / applied)
+            applied = middle
+            if self.attention_entropy() > target:
+                low = middle
+            else:
+                high = middle
+        return applied
+
     def error(self, method: LayerMethod, num_merged: int) -> float:
         """Relative error against full attention, averaged over the photos."""
         errors = [

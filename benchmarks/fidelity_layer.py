@@ -1,0 +1,147 @@
+"""Symmetric merge+restore fidelity on one SD 2.1 self-attention layer, at random-weight and
+at sharpened attention (issue 12).
+
+The layer and tokens are those of ``benchmarks/layer_benchmark.py`` (5 photographs, 64 x 64
+grid, C = 320, 5 heads). With random weights the layer's attention is nearly uniform
+(entropy about 0.99 of ``log N``), where merging looks cheap and methods differ little; the
+sharpened setting scales the query and key projections until the entropy is ``--entropy``
+of ``log N`` (trained diffusion and vision models sit around 0.6-0.8). Every method merges
+queries, keys and values to the same M tokens and restores after attention (``query_share=1``
+for MaMe), as tomesd does; errors are relative to full attention, averaged over the photos.
+
+Times: batch 2, interleaved rounds (every method once per round), median and spread.
+
+    python benchmarks/fidelity_layer.py                      # errors, ratios 0.5 0.75 0.9
+    python benchmarks/fidelity_layer.py --time-rounds 7      # and CPU times at 0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from tqdm import tqdm
+
+from mame_diffusers import merge_layout
+from mame_diffusers.benchmarking.layer import LayerBench, full_attention, mame_attention, tomesd_attention
+from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
+
+SYMMETRIC = {"query_share": 1.0}
+
+# name -> builder of the layer method at a ratio
+METHODS = {
+    "tomesd": lambda ratio: tomesd_attention(),
+    "MaMe symmetric (copy restore)": lambda ratio: mame_attention(ratio=ratio, **SYMMETRIC),
+    "MaMe symmetric, refine=1": lambda ratio: mame_attention(ratio=ratio, refine=1, **SYMMETRIC),
+    "MaMe symmetric, affine restore": lambda ratio: mame_attention(ratio=ratio, restore="affine", **SYMMETRIC),
+    "MaMe symmetric, refine=1 + affine restore": lambda ratio: mame_attention(
+        ratio=ratio, refine=1, restore="affine", **SYMMETRIC
+    ),
+    "MaMe symmetric, refine=2 + affine restore": lambda ratio: mame_attention(
+        ratio=ratio, refine=2, restore="affine", **SYMMETRIC
+    ),
+    "MaMe symmetric, block 16 halo 4, refine=1 + affine": lambda ratio: mame_attention(
+        ratio=ratio, refine=1, restore="affine", block=16, halo=4, **SYMMETRIC
+    ),
+    "MaMe symmetric, global, refine=1 (copy)": lambda ratio: mame_attention(
+        ratio=ratio, refine=1, block=None, halo=0, **SYMMETRIC
+    ),
+    # The default keys/values-only path, for reference (it never restores).
+    "MaMe defaults (keys/values only)": lambda ratio: mame_attention(ratio=ratio),
+    "MaMe defaults, refine=1": lambda ratio: mame_attention(ratio=ratio, refine=1),
+}
+
+TIMED = [
+    "tomesd",
+    "MaMe symmetric (copy restore)",
+    "MaMe symmetric, affine restore",
+    "MaMe symmetric, refine=1 + affine restore",
+    "MaMe defaults (keys/values only)",
+    "MaMe defaults, refine=1",
+]
+
+
+def interleaved_ms(bench: LayerBench, methods: dict, num_merged: int, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per call on the timing batch, every method once per round, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for name, method in methods.items():  # warm-up
+        method(bench.attn, bench.timing_batch, bench.hw, num_merged)
+    for _ in range(rounds):
+        for name, method in methods.items():
+            started = time.perf_counter()
+            method(bench.attn, bench.timing_batch, bench.hw, num_merged)
+            times[name].append(1e3 * (time.perf_counter() - started))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--entropy", type=float, default=0.7, help="sharpened attention entropy, over log N")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--time-rounds", type=int, default=0, help="interleaved timing rounds at ratio 0.75 (0: none)")
+    parser.add_argument("--out", default="benchmarks/results/fidelity_layer")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_grad_enabled(False)
+
+    rows, settings, timing = [], [], []
+    for attention in ("random weights", "sharpened"):
+        bench = LayerBench()
+        scale = 1.0 if attention == "random weights" else bench.sharpen_to_entropy(args.entropy)
+        entropy = bench.attention_entropy()
+        settings.append({"attention": attention, "qk_scale": scale, "entropy": entropy})
+        print(f"{attention}: q/k scale {scale:.3f}, attention entropy {entropy:.3f} log N", flush=True)
+        for ratio in args.ratios:
+            num_merged = merge_layout(bench.hw, ratio).num_merged
+            errors = {}
+            for name in tqdm(args.methods, desc=f"{attention}, ratio {ratio}"):
+                errors[name] = bench.error(METHODS[name](ratio), num_merged)
+            for name, error in errors.items():
+                rows.append(
+                    {
+                        "attention": attention,
+                        "entropy": entropy,
+                        "ratio": ratio,
+                        "method": name,
+                        "M": num_merged,
+                        "error": error,
+                        "vs tomesd": error / errors["tomesd"] if "tomesd" in errors else float("nan"),
+                    }
+                )
+        if args.time_rounds and attention == "random weights":
+            num_merged = merge_layout(bench.hw, 0.75).num_merged
+            timed = {"full attention (SDPA)": full_attention}
+            timed.update({name: METHODS[name](0.75) for name in TIMED})
+            for name, values in interleaved_ms(bench, timed, num_merged, args.time_rounds).items():
+                timing.append(
+                    {
+                        "method": name,
+                        "ms median": statistics.median(values),
+                        "ms min": min(values),
+                        "ms max": max(values),
+                        "rounds": len(values),
+                    }
+                )
+
+    formats = {"entropy": ".3f", "ratio": ".2f", "error": ".4f", "vs tomesd": ".3f"}
+    table = markdown_table(rows, ["attention", "entropy", "ratio", "method", "M", "error", "vs tomesd"], formats)
+    if timing:
+        timing_table = markdown_table(
+            timing,
+            ["method", "ms median", "ms min", "ms max", "rounds"],
+            {"ms median": ".1f", "ms min": ".1f", "ms max": ".1f"},
+        )
+        table += "\n\nCPU time per call at ratio 0.75 (batch 2, N = 4096, C = 320), interleaved rounds:\n\n" + timing_table
+    print(table)
+    setup = {"grid": [64, 64], "channels": 320, "heads": 5, "photos": 5, "settings": settings}
+    payload = {"environment": environment(), "setup": setup, "rows": rows, "timing": timing}
+    json_path, md_path = write_report(args.out, payload, table)
+    print(f"\nwrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
