@@ -80,7 +80,9 @@ def build_unet(
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(unet_config(name))
-    return unet.to(dtype).eval()
+    # nn.Module.to, not ModelMixin.to: diffusers warns on every dtype cast of a UNet that
+    # "modules should be kept in float32" even when the list is empty, as it is here.
+    return torch.nn.Module.to(unet, dtype).eval()
 
 
 def unet_inputs(
@@ -246,7 +248,7 @@ def build_clip_tokenizer(directory: str | None = None):
 
 
 def offline_pipeline_components(
-    size: str = "sd21", *, seed: int = 0, device: str | torch.device = "cpu"
+    size: str = "sd21", *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
     """Every component of a Stable Diffusion 2.1-architecture pipeline, random weights.
 
@@ -259,11 +261,11 @@ def offline_pipeline_components(
 
     if size not in PIPELINE_SIZES:
         raise ValueError(f"unknown pipeline size {size!r}; choose one of {PIPELINE_SIZES}")
-    unet = build_unet("sd21" if size == "sd21" else "tiny-sd", seed=seed, device=device)
+    unet = build_unet("sd21" if size == "sd21" else "tiny-sd", seed=seed, device=device, dtype=dtype)
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed + 1)
     with torch.device(device):
-        vae = AutoencoderKL(**_VAE[size]).eval()
+        vae = torch.nn.Module.to(AutoencoderKL(**_VAE[size]), dtype).eval()  # see build_unet
     torch.manual_seed(seed + 2)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -273,7 +275,7 @@ def offline_pipeline_components(
         **_TEXT_ENCODER[size],
     )
     with torch.device(device):
-        text_encoder = CLIPTextModel(text_config).eval()
+        text_encoder = CLIPTextModel(text_config).to(dtype).eval()
     return {
         "unet": unet,
         "vae": vae,

@@ -56,8 +56,11 @@ def load_pipeline(model: str | None, *, quick: bool, device: torch.device, dtype
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UsageError(f"cannot load model {model!r}: {reason}") from error
     else:
-        components = offline_pipeline_components("tiny" if quick else "sd21", seed=seed)
+        # Built on the device in the dtype: no cast afterwards (diffusers warns on every one).
+        components = offline_pipeline_components("tiny" if quick else "sd21", seed=seed, device=device, dtype=dtype)
         pipe = StableDiffusionMaMePipeline(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
