@@ -683,7 +683,7 @@ class Benchmark:
             row["plan+merge kernels"] = profile_call(merge, self.device)["kernels"]
 
             # Stock vs MaMeProcessor() on copies of one attention module (fresh processors
-            # per N: a bare processor remembers the largest N it has seen).
+            # per N: within one forward a bare processor takes the largest N for level 1).
             attns = {"stock": stock_attn}
             mame_attn = _self_attention().to(self.device, self.dtype)
             mame_attn.load_state_dict(stock_attn.state_dict())

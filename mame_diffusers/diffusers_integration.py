@@ -320,7 +320,10 @@ class MaMeProcessor:
         # Set by apply_mame: the UNet's tracker and the record of this module's transformer.
         self._grid: _GridTracker | None = None
         self._transformer: _TransformerGrid | None = None
-        # Bare use only (no tracker): the largest self-attention seen stands for level 1.
+        # Bare use only (no tracker). One UNet forward calls each self-attention once, the
+        # highest resolution first: a module called again starts a new forward, and the
+        # largest self-attention of the current forward stands for the first level.
+        self._forward_modules: set[int] = set()
         self._largest_tokens = 0
         self._warned_square_guess = False
 
@@ -377,6 +380,7 @@ class MaMeProcessor:
                 # attention proportional (and empty slots weightless).
                 return hw
         else:
+            self._note_bare_call(attn, tokens)
             # A bare processor cannot see the latent: its own batch of tokens stands in.
             if not self.config.merges_call(hidden_states.shape[0] * tokens, hidden_states.device):
                 return None
@@ -421,6 +425,13 @@ class MaMeProcessor:
             return hw
         return hw if self._grid.within(hw, self.config.max_downsample) else None
 
+    def _note_bare_call(self, attn: Attention, tokens: int) -> None:
+        if id(attn) in self._forward_modules:  # a new forward: forget the previous one
+            self._forward_modules.clear()
+            self._largest_tokens = 0
+        self._forward_modules.add(id(attn))
+        self._largest_tokens = max(self._largest_tokens, tokens)
+
     def _bare_grid(self, hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
         if hw is None:
             side = math.isqrt(tokens)
@@ -438,7 +449,6 @@ class MaMeProcessor:
                     stacklevel=3,
                 )
             hw = (side, side)
-        self._largest_tokens = max(self._largest_tokens, tokens)
         level = _nearest_power_of_two(math.sqrt(self._largest_tokens / tokens))
         return hw if level <= self.config.max_downsample else None
 

@@ -276,6 +276,26 @@ def test_bare_processor_assumes_square_grids_and_refuses_others():
         run(unet, unet_inputs(unet, (16, 12)))
 
 
+def test_bare_processor_gives_the_same_output_whatever_ran_before():
+    # Issue 10 #5: it used to remember the largest grid of any earlier call, so a 16x16
+    # forward after a 32x32 one merged other levels than on a fresh processor.
+    unet = build_unet("tiny-sd", seed=0)
+    small, large = unet_inputs(unet, (16, 16)), unet_inputs(unet, (32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet.set_attn_processor(MaMeProcessor(ratio=0.5, max_downsample=1))
+        fresh = run(unet, small)
+        processor = MaMeProcessor(ratio=0.5, max_downsample=1)
+        unet.set_attn_processor(processor)
+        run(unet, large)
+        after_large = run(unet, small)
+        again = run(unet, small)
+    assert torch.equal(after_large, fresh)
+    assert torch.equal(again, fresh)
+    unet.set_attn_processor(AttnProcessor2_0())
+    assert not torch.equal(run(unet, small), fresh)  # the processor did merge
+
+
 def test_bare_processor_matches_apply_on_square_latents():
     unet = build_unet("tiny-sd", seed=0)
     inputs = unet_inputs(unet, (16, 16))
