@@ -71,10 +71,11 @@ def attention_entropy(model: tf.ViTForImageClassification, pixels: torch.Tensor)
 
 @torch.no_grad()
 def sharpen(model: tf.ViTForImageClassification, scale: float) -> None:
-    for layer in model.vit.encoder.layer:
-        for projection in (layer.attention.attention.query, layer.attention.attention.key):
+    for layer in model.vit.layers:
+        for projection in (layer.attention.q_proj, layer.attention.k_proj):
             projection.weight.mul_(scale)
-            projection.bias.mul_(scale)
+            if projection.bias is not None:
+                projection.bias.mul_(scale)
 
 
 def sharpen_to_entropy(model: tf.ViTForImageClassification, pixels: torch.Tensor, target: float) -> float:
