@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -178,35 +179,14 @@ class _StackState:
     plans: dict = field(default_factory=dict)
 
 
-@dataclass(eq=False)  # records point back to their tracker: compare by identity
-class _TransformerGrid:
-    """What one ``Transformer2DModel`` saw in the current forward: its token grid and, when
-    its blocks run on merged tokens, its stack's merge. ``on_forward`` is its forward
-    pre-hook.
-
-    Kept until the next forward (not cleared when the model moves on), so that blocks that
-    gradient checkpointing recomputes in the backward pass find what their forward found.
-    """
-
-    tracker: _GridTracker = field(repr=False)
-    hw: tuple[int, int] | None = None
-    stack: _StackState | None = None
-
-    def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
-            self.hw = (int(hidden.shape[-2]), int(hidden.shape[-1]))
-        else:
-            self.hw = None
-        if self.tracker.top_downsample is None and self.hw is not None:
-            self.tracker.top_downsample = self.tracker.downsample(self.hw)
-
-
 @dataclass(eq=False)
-class _GridTracker:
-    """Token grids seen during one UNet forward, recorded by forward pre-hooks.
+class _ForwardState:
+    """What one UNet forward found: the latent size, whether it merges, the plans its levels
+    share, and each ``Transformer2DModel``'s grid and stack merge (keyed by its record).
 
-    One tracker belongs to one patched UNet: nothing here is global.
+    Kept until the same thread's next forward (not cleared when the model moves on), so that
+    blocks that gradient checkpointing recomputes in the backward pass find what their
+    forward found.
     """
 
     latent_hw: tuple[int, int] | None = None
@@ -217,16 +197,75 @@ class _GridTracker:
     #: Merge plans made during this forward, shared by the self-attentions of one level:
     #: ``(grid, ratio name) -> (the processor that made it, plan)``.
     level_plans: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
+    stacks: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)  # records are dictionary keys of the forward states: identity
+class _TransformerGrid:
+    """One patched ``Transformer2DModel``: its token grid and, when its blocks run on merged
+    tokens, its stack's merge, both in the current forward. ``on_forward`` is its forward
+    pre-hook."""
+
+    tracker: _GridTracker = field(repr=False)
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        return self.tracker.current.grids.get(self)
+
+    @property
+    def stack(self) -> _StackState | None:
+        return self.tracker.current.stacks.get(self)
+
+    @stack.setter
+    def stack(self, value: _StackState | None) -> None:
+        self.tracker.current.stacks[self] = value
+
+    def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        hw = (int(hidden.shape[-2]), int(hidden.shape[-1])) if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 else None
+        state = self.tracker.current
+        state.grids[self] = hw
+        state.stacks.pop(self, None)
+        if state.top_downsample is None and hw is not None:
+            state.top_downsample = self.tracker.downsample(hw)
+
+
+@dataclass(eq=False)
+class _GridTracker:
+    """Token grids seen during UNet forwards, recorded by forward pre-hooks.
+
+    One tracker belongs to one patched UNet: nothing here is global. Each thread's forward
+    has its own state, so that threads sharing one patched UNet do not see each other's
+    grids. A thread that ran no forward (autograd's device threads, which recompute
+    checkpointed blocks during the backward pass) sees the latest forward's.
+    """
+
     #: One record per patched ``Transformer2DModel``.
     transformers: list = field(default_factory=list)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+    _latest: _ForwardState = field(default_factory=_ForwardState, repr=False)
+
+    @property
+    def current(self) -> _ForwardState:
+        if torch.compiler.is_compiling():  # traced into the graph: no per-thread state to keep
+            return self._latest
+        return getattr(self._local, "state", None) or self._latest
+
+    @property
+    def merging(self) -> bool:
+        return self.current.merging
+
+    @property
+    def level_plans(self) -> dict:
+        return self.current.level_plans
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
-        self.latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
-        self.top_downsample = None
-        self.level_plans.clear()
-        for record in self.transformers:
-            record.hw = record.stack = None
+        state = _ForwardState(latent_hw=tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None)
+        if not torch.compiler.is_compiling():
+            self._local.state = state
+        self._latest = state
 
     def new_transformer(self) -> _TransformerGrid:
         """A record for one more ``Transformer2DModel`` (its pre-hook: ``on_forward``)."""
@@ -235,14 +274,24 @@ class _GridTracker:
         return record
 
     def downsample(self, hw: tuple[int, int]) -> int:
-        if self.latent_hw is None:
+        latent_hw = self.current.latent_hw
+        if latent_hw is None:
             return 1
-        return _nearest_power_of_two(self.latent_hw[0] / hw[0])
+        return _nearest_power_of_two(latent_hw[0] / hw[0])
 
     def within(self, hw: tuple[int, int], max_downsample: int) -> bool:
         """Whether a grid lies at a level that ``max_downsample`` lets merge."""
-        top = self.top_downsample or self.downsample(hw)
+        top = self.current.top_downsample or self.downsample(hw)
         return self.downsample(hw) <= top * max_downsample
+
+    # A thread-local cannot be copied or pickled: copies start with no forward recorded.
+    def __getstate__(self) -> dict:
+        return {"transformers": self.transformers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.transformers = state["transformers"]
+        self._local = threading.local()
+        self._latest = _ForwardState()
 
 
 @dataclass
@@ -558,9 +607,7 @@ class _Patch:
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             batch, _, height, width = sample.shape
-            self.grid.merging = self.config.merges_call(batch * height * width, sample.device)
-        else:
-            self.grid.merging = True
+            self.grid.current.merging = self.config.merges_call(batch * height * width, sample.device)
 
     def _check_processors(self, module: torch.nn.Module) -> None:
         # One identity test per patched module (a few dozen), no tensor work: cheap, and

@@ -616,3 +616,21 @@ def test_a_patched_unet_deep_copies_and_pickles(tiny_sdxl_unet):
         torch.testing.assert_close(run(tiny_sdxl_unet, inputs), expected)
     finally:
         remove_mame(tiny_sdxl_unet)
+
+
+# -- threads -------------------------------------------------------------------------------
+
+
+def test_threads_sharing_one_patched_unet_get_their_own_outputs():
+    # Issue 10 #2: each forward's grids and plans lived on the model, so a thread's blocks
+    # could read another thread's grid (wrong outputs or "expected ... token grid" errors).
+    from concurrent.futures import ThreadPoolExecutor
+
+    unet = build_unet("tiny-sdxl", seed=0)  # deep stacks: stack merges kept per forward too
+    apply_mame(unet, ratio=0.5)
+    inputs = {hw: unet_inputs(unet, hw) for hw in [(16, 16), (24, 16), (16, 24)]}
+    expected = {hw: run(unet, x) for hw, x in inputs.items()}
+    jobs = [hw for _ in range(6) for hw in inputs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outputs = list(pool.map(lambda hw: (hw, run(unet, inputs[hw])), jobs))
+    assert all(torch.equal(out, expected[hw]) for hw, out in outputs)

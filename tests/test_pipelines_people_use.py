@@ -235,7 +235,7 @@ def test_apply_mame_patches_every_controlnet_with_its_own_tracker():
         generate(pipe, image=[image(128), image(128, seed=6)], height=128, width=128)
         assert all(counts.values()), counts
         # Every tracker saw the 16x16 latent itself and found attention at full resolution.
-        assert all(t.latent_hw == (16, 16) and t.top_downsample == 1 for t in trackers)
+        assert all(t.current.latent_hw == (16, 16) and t.current.top_downsample == 1 for t in trackers)
     finally:
         remove_mame(pipe)
     assert all(patched_config(model) is None for model in [unet, *nets])

@@ -623,3 +623,21 @@ def test_a_patched_vision_model_deep_copies_and_pickles():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected)
         remove_mame(copied)  # the copy's patch is its own
         torch.testing.assert_close(vit(pixel_values=pixels).logits, expected)
+
+
+@pytest.mark.parametrize("name", ["vit_classifier", "videomae_classifier"])
+def test_threads_sharing_one_patched_model_get_their_own_outputs(name):
+    # Issue 10 #2: a shared ViT raised "sizes must have shape (2, 42), got (3, 42)" when two
+    # threads ran batches of different sizes: each forward's state now belongs to its thread
+    # (VideoMAE's classifier also keeps its pooled tokens per forward).
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build(name)
+    apply_mame(model)
+    shape = (4, 3, 32, 32) if name.startswith("videomae") else (3, 32, 32)
+    pixels = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3)}
+    with torch.no_grad():
+        expected = {b: model(pixel_values=x).logits for b, x in pixels.items()}
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            outputs = list(pool.map(lambda b: (b, model(pixel_values=pixels[b]).logits), [1, 2, 3] * 8))
+    assert all(torch.equal(out, expected[b]) for b, out in outputs)
