@@ -43,6 +43,15 @@ METHODS = {
     "MaMe symmetric, refine=2 + affine restore": lambda ratio: mame_attention(
         ratio=ratio, refine=2, restore="affine", **SYMMETRIC
     ),
+    "MaMe symmetric, distinct anchors, refine=1 + affine": lambda ratio: mame_attention(
+        ratio=ratio, anchor="distinct", refine=1, restore="affine", **SYMMETRIC
+    ),
+    "MaMe symmetric, distinct anchors, refine=2 + affine": lambda ratio: mame_attention(
+        ratio=ratio, anchor="distinct", refine=2, restore="affine", **SYMMETRIC
+    ),
+    "MaMe symmetric, block 16 halo 4, distinct, refine=1 + affine": lambda ratio: mame_attention(
+        ratio=ratio, anchor="distinct", refine=1, restore="affine", block=16, halo=4, **SYMMETRIC
+    ),
     "MaMe symmetric, block 16 halo 4, refine=1 + affine": lambda ratio: mame_attention(
         ratio=ratio, refine=1, restore="affine", block=16, halo=4, **SYMMETRIC
     ),
@@ -52,6 +61,7 @@ METHODS = {
     # The default keys/values-only path, for reference (it never restores).
     "MaMe defaults (keys/values only)": lambda ratio: mame_attention(ratio=ratio),
     "MaMe defaults, refine=1": lambda ratio: mame_attention(ratio=ratio, refine=1),
+    "MaMe defaults, distinct anchors": lambda ratio: mame_attention(ratio=ratio, anchor="distinct"),
 }
 
 TIMED = [
@@ -59,6 +69,7 @@ TIMED = [
     "MaMe symmetric (copy restore)",
     "MaMe symmetric, affine restore",
     "MaMe symmetric, refine=1 + affine restore",
+    "MaMe symmetric, distinct anchors, refine=1 + affine",
     "MaMe defaults (keys/values only)",
     "MaMe defaults, refine=1",
 ]

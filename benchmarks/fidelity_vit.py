@@ -106,6 +106,8 @@ def main() -> None:
         "MaMe default": RefinedVisionMaMeConfig(),
         "MaMe default, refine=1": RefinedVisionMaMeConfig(refine=1),
         "MaMe default, refine=2": RefinedVisionMaMeConfig(refine=2),
+        "MaMe default, distinct anchors": RefinedVisionMaMeConfig(anchor="distinct"),
+        "MaMe default, distinct anchors, refine=1": RefinedVisionMaMeConfig(anchor="distinct", refine=1),
         "ToMe-style bipartite, same counts": None,
     }
     rows, settings = [], []

@@ -43,6 +43,7 @@ from .defaults import ANCHORS, DEFAULT_ANCHOR, DEFAULT_BLOCK, DEFAULT_HALO, DEFA
 
 __all__ = [
     "AFFINE_RIDGE",
+    "ALL_ANCHORS",
     "ANCHORS",
     "DEFAULT_ANCHOR",
     "DEFAULT_BLOCK",
@@ -62,6 +63,10 @@ __all__ = [
 # Similarity given to candidates that do not exist (outside the grid, or empty anchors):
 # below any cosine, so never the best match and never above ``tau``.
 _INVALID_SIMILARITY = -2.0
+
+#: Every anchor choice :func:`plan_merge` takes: the configurable ones (``ANCHORS``) and
+#: ``"distinct"``, each cell's token least like its cell's mean (content-following).
+ALL_ANCHORS = tuple(dict.fromkeys((*ANCHORS, "distinct")))
 
 #: How merged outputs go back to the tokens: ``"copy"`` gives every token its slot's value,
 #: ``"affine"`` an affine combination of the slots in its reach fitted to its own input.
@@ -125,8 +130,8 @@ def check_merge_settings(
         raise ValueError(f"block must be a positive int or None (global merging), got {block!r}")
     if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
         raise ValueError(f"halo must be a non-negative int, got {halo!r}")
-    if anchor not in ANCHORS:
-        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    if anchor not in ALL_ANCHORS:
+        raise ValueError(f"anchor must be one of {ALL_ANCHORS}, got {anchor!r}")
     if temperature is not None and (not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be a positive number or None (hard assignment), got {temperature!r}")
     if not isinstance(straight_through, bool):
@@ -290,6 +295,8 @@ class MergeLayout:
             return torch.where(own > 0, torch.zeros_like(own), torch.full_like(own, -math.inf))
         if name == "candidate_index":  # (K,): 0..K-1, to turn a best index into a one-hot row
             return torch.arange(self.num_candidates, device=device, dtype=dtype)
+        if name == "token_index":  # (T, 1): 0..T-1, to turn a best token of each cell into a column
+            return torch.arange(self.tokens_per_block, device=device, dtype=dtype)[:, None]
         raise KeyError(name)
 
     def own_anchor_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -589,7 +596,9 @@ def plan_merge(
             join (``0``: its own block only).
         anchor: what a cell offers to merge into: ``"strided"`` its middle token,
             ``"random"`` a random token (drawn anew each call), ``"pooled"`` the mean of its
-            tokens.
+            tokens, ``"distinct"`` its token least like the cell's mean (content-following:
+            in a cell across an edge the odd token becomes the anchor and the typical ones
+            join a neighbour; 16 more operations than ``"strided"``).
         temperature: ``None`` for hard assignment; a positive number for the soft,
             differentiable assignment ``softmax(similarity / temperature)`` over the
             anchors that pass ``tau``.
@@ -787,10 +796,38 @@ def _anchors(
         return x.reshape(x.shape[0], rows_m, cell_h, cols_m, cell_w, x.shape[-1])[:, :, row, :, col]
     own = layout.own_anchor_matrix(x.device, x.dtype)
     present = None if token_weights is None else (token_weights > 0)[..., None].to(x.dtype)
-    pick = _anchor_picker(own, anchor, present)
+    if anchor == "distinct":
+        pick = _distinct_picker(own, present, token_blocks, token_weights, layout)
+    else:
+        pick = _anchor_picker(own, anchor, present)
     if anchor == "pooled" and token_weights is not None:
         token_blocks = token_blocks * token_weights[..., None]
     return layout.anchor_grid(pick.transpose(-1, -2) @ token_blocks)
+
+
+def _distinct_picker(
+    own: torch.Tensor,
+    present: torch.Tensor | None,
+    token_blocks: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    layout: MergeLayout,
+) -> torch.Tensor:
+    """``(B, blocks, T, kh*kw)`` columns that pick each cell's token least like its cell's
+    (weighted) mean, by cosine; only tokens present are candidates.
+
+    A fixed anchor position is blind to content: where a cell holds two kinds of token, the
+    kind its anchor is not must join some other anchor, and the odd, distinctive tokens fit
+    worst elsewhere. Taking the least typical token as the anchor lets the typical ones
+    join neighbouring cells of their kind. Found by ``argmax`` over each cell's tokens and a
+    comparison with the token indices: no index ops.
+    """
+    members = own if present is None else own * present
+    weighted = token_blocks if token_weights is None else token_blocks * token_weights[..., None]
+    cell_directions = F.normalize(members.transpose(-1, -2) @ weighted, dim=-1)
+    typical = F.normalize(token_blocks, dim=-1) @ cell_directions.transpose(-1, -2)  # (B, blocks, T, kh*kw)
+    atypical = torch.where(members > 0, -typical, -math.inf)
+    best = atypical.argmax(dim=-2, keepdim=True)
+    return (best == layout.constant("token_index", token_blocks.device, best.dtype)).to(token_blocks.dtype)
 
 
 def _anchor_picker(own: torch.Tensor, anchor: str, present: torch.Tensor | None) -> torch.Tensor:

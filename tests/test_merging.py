@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mame_diffusers import merge_layout, plan_merge, proportional_attention_bias
-from mame_diffusers.merging import ANCHORS
+from mame_diffusers.merging import ALL_ANCHORS, ANCHORS
 
 from .banned_ops import assert_no_banned_ops
 
@@ -53,7 +53,7 @@ def test_merged_length_is_static_and_bounded(height, width, ratio, block, halo):
     ratio=st.floats(0.0, 0.95),
     block=st.sampled_from([None, 4, 8]),
     halo=st.integers(0, 3),
-    anchor=st.sampled_from(ANCHORS),
+    anchor=st.sampled_from(ALL_ANCHORS),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_shapes_sizes_and_dtypes(height, width, ratio, block, halo, anchor, dtype):
@@ -83,7 +83,7 @@ def test_merged_length_follows_ratio_on_a_64_grid():
 
 
 @pytest.mark.parametrize("block,halo", [(8, 2), (4, 1), (None, 0), (16, 0)])
-@pytest.mark.parametrize("anchor", ANCHORS)
+@pytest.mark.parametrize("anchor", ALL_ANCHORS)
 def test_restore_of_merge_is_exact_on_constant_tokens(block, halo, anchor):
     x = torch.randn(2, 1, 5).expand(2, 24 * 20, 5).contiguous()
     plan = plan_merge(x, (24, 20), ratio=0.75, block=block, halo=halo, anchor=anchor)
@@ -157,6 +157,29 @@ def test_refinement_moves_anchors_to_their_slot_means_and_tightens_slots():
     assert refined[0].num_merged == plain.num_merged and torch.equal(
         plan_merge(x, (32, 32), ratio=0.75, refine=0).assignment, plain.assignment
     )
+
+
+def test_distinct_anchor_is_the_odd_token_of_its_cell():
+    # 4 x 4 grid, ratio 0.75: four 2 x 2 cells. Cells 0 and 1 hold three tokens of kind A and
+    # one odd token (B, C); cells 2 and 3 only A. The odd tokens become their cells' anchors
+    # and stay alone, while the A tokens around them join the A anchors of cells 2 and 3. A
+    # middle-token anchor would be an A token and leave B and C without a slot of their own.
+    kinds = torch.eye(3)
+    x = kinds[0].repeat(1, 16, 1) + 0.01 * torch.randn(1, 16, 3, generator=torch.Generator().manual_seed(0))
+    x[0, 0], x[0, 3] = kinds[1], kinds[2]  # token 0 lies in cell 0, token 3 in cell 1
+    options = {"ratio": 0.75, "block": None, "halo": 0, "tau": -1.0}
+    plan = plan_merge(x, (4, 4), anchor="distinct", **options)
+    merged = plan.merge(x)[0]
+    torch.testing.assert_close(merged[:2], x[0, [0, 3]])
+    assert plan.sizes[0, :2].tolist() == [1.0, 1.0] and float(plan.sizes[0, 2:].sum()) == 14.0
+    strided = plan_merge(x, (4, 4), anchor="strided", **options)
+    assert not torch.allclose(strided.merge(x)[0, :2], x[0, [0, 3]])
+
+    # A token of weight 0 is never an anchor: cell 0 then offers an A token.
+    weights = torch.ones(1, 16)
+    weights[0, 0] = 0
+    weighted = plan_merge(x, (4, 4), anchor="distinct", sizes=weights, **options)
+    assert weighted.merge(x)[0, 0, 0] > 0.9
 
 
 def test_affine_restore_needs_the_planned_tokens():
@@ -340,6 +363,7 @@ def test_straight_through_forward_equals_hard():
         {"anchor": "pooled"},
         {"temperature": 0.1, "straight_through": True},
         {"refine": 2, "restore": "affine"},
+        {"anchor": "distinct", "refine": 1, "restore": "affine"},
         {"refine": 1, "restore": "affine", "block": None, "halo": 0},
     ],
 )
@@ -442,6 +466,9 @@ def test_refinement_and_affine_restore_cost_a_bounded_number_of_operations():
     assert refined["aten::matmul"] + refined["aten::bmm"] <= plain["aten::matmul"] + plain["aten::bmm"] + 2
     assert sum(first_restore.values()) - sum(copy_restore.values()) <= 26, first_restore
     assert sum(second_restore.values()) <= sum(copy_restore.values())  # fitted once, kept
+    with torch.inference_mode():
+        distinct = work_ops(lambda: plan_merge(x, (64, 64), ratio=0.75, anchor="distinct").merge(x))
+    assert sum(distinct.values()) - sum(plain.values()) <= 17, distinct
 
 
 def test_half_precision_merge_does_not_overflow_where_the_mean_fits():
@@ -462,7 +489,7 @@ def test_both_overlap_adds_agree(hw, ratio, block, halo):
     torch.testing.assert_close(layout._fold_windows(windows), layout._add_windows(windows))
 
 
-@pytest.mark.parametrize("options", [{}, {"refine": 1, "restore": "affine"}])
+@pytest.mark.parametrize("options", [{}, {"refine": 1, "restore": "affine", "anchor": "distinct"}])
 def test_compiled_operator_matches_eager(options):
     # Inductor once lowered F.fold with these window strides to out-of-bounds writes; the
     # compiled path takes slice additions instead, and must compute the same thing. The
