@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resolution", type=_resolution, default=512)
     bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
-    bench.add_argument("--steps", type=_positive, default=2, help="denoising steps in the timed pipeline call")
+    bench.add_argument("--steps", type=_positive, default=1, help="denoising steps in each timed pipeline call")
+    bench.add_argument(
+        "--pipeline-rounds", type=_positive, default=2, help="timed pipeline calls per method (median)"
+    )
     bench.add_argument("--no-pipeline", action="store_true", help="time the UNet only")
     bench.add_argument("--compile", action="store_true", help="torch.compile the UNet (each method compiled)")
 

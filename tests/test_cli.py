@@ -23,6 +23,35 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert report["environment"]["torch"] == torch.__version__ and report["setup"]["batch"] == 2
     assert (tmp_path / "bench.md").read_text().count("|") > 10
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    # Every MaMe row has its peer at the same length: K/V pooling for K/V merging, tomesd
+    # (at MaMe's max_downsample) for merge + restore; and the tiny model is flagged.
+    attends = {row["method"]: row["attends"] for row in report["rows"]}
+    assert attends["MaMe (ratio=0.75)"] == attends["K/V avg-pool (ToDo-style, ratio=0.75)"] == "Q N, K/V N/16"
+    assert attends["MaMe (ratio=0.75, query_share=1.0)"] == attends["tomesd (ratio=0.75, max_downsample=2)"]
+    assert any("tiny model" in note for note in report["warnings"]) and "warning: tiny model" in printed
+    assert all(row["min_seconds"] <= row["seconds"] <= row["max_seconds"] for row in report["rows"])
+
+
+def test_bench_flags_noisy_rounds_and_a_missing_peer():
+    from mame_diffusers.benchmarking.runs import bench_warnings
+
+    rows = [{"method": "baseline (SDPA)", "spread": 0.04}, {"method": "MaMe (ratio=0.75)", "spread": 0.25}]
+    notes = bench_warnings(rows, tiny=False, tomesd_installed=False)
+    assert len(notes) == 2
+    assert "MaMe (ratio=0.75) 25%" in notes[0] and "baseline" not in notes[0]
+    assert "tomesd is not installed" in notes[1]
+    assert bench_warnings(rows[:1], tiny=False, tomesd_installed=True) == []
+
+
+def test_bench_without_scikit_image_is_an_error_not_noise(monkeypatch):
+    import sys
+    import types
+
+    from mame_diffusers.benchmarking import runs
+
+    monkeypatch.setitem(sys.modules, "skimage.data", None)  # import skimage.data raises ImportError
+    with pytest.raises(runs.UsageError, match="scikit-image"):
+        runs._latents(types.SimpleNamespace(vae_scale_factor=8), 64, 2, 0)
 
 
 def test_generate_quick_writes_a_grid(tmp_path):

@@ -5,6 +5,7 @@ Kept out of the CLI module so that the notebook and scripts call the same functi
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import DEFAULT_TAU
+from ..defaults import DEFAULT_MAX_DOWNSAMPLE
 from ..offline import offline_pipeline_components
 from .report import environment, markdown_table, write_report
 from .timing import synchronize
@@ -66,15 +68,19 @@ def load_pipeline(model: str | None, *, quick: bool, device: torch.device, dtype
 
 
 def _latents(pipe, resolution: int, batch: int, seed: int) -> torch.Tensor:
-    """Latents with a photograph's statistics when scikit-image is there, else noise."""
+    """Latents with a photograph's statistics (scikit-image's photographs): what merging
+    sees in real use. Noise would make every token alike and merging look free."""
     side = resolution // pipe.vae_scale_factor
-    try:
-        from .photos import photo_latent_batch
+    from .photos import photo_latent_batch
 
-        return photo_latent_batch((side, side), batch, seed=seed)
-    except ImportError:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, pipe.unet.config.in_channels, side, side, generator=generator)
+    try:
+        import skimage.data  # noqa: F401  (the photographs)
+    except ImportError as error:
+        raise UsageError(
+            f"the bench merges photo latents and needs scikit-image ({error}): pip install scikit-image, "
+            "or install the bench extras: pip install -e '.[bench]'"
+        ) from error
+    return photo_latent_batch((side, side), batch, seed=seed)
 
 
 def _unet_inputs(pipe, resolution: int, seed: int) -> dict[str, Any]:
@@ -91,11 +97,21 @@ def _unet_inputs(pipe, resolution: int, seed: int) -> dict[str, Any]:
 
 
 def bench_methods(ratios: Sequence[float], tau: float) -> list[Method]:
-    """Baseline, then MaMe and tomesd at each ratio (tomesd when installed)."""
+    """Baseline, then at each ratio (equal attention cost, as tomesd counts its ratio):
+
+    - MaMe as it ships (keys/values merged, every query kept);
+    - its peer at the same key/value length: keys/values average-pooled on the grid
+      (ToDo-style downsampling; MaMe with ``tau=1`` is exactly that);
+    - MaMe merge + restore of queries, keys and values (``query_share=1``, the paper's MaMe +
+      MaRe), whose peer is tomesd;
+    - tomesd at MaMe's ``max_downsample`` (when installed).
+    """
     methods = [baseline()]
     for ratio in ratios:
         methods.append(_mame_at(ratio, tau))
-        peer = tomesd_method(ratio)
+        methods.append(mame(f"K/V avg-pool (ToDo-style, ratio={ratio})", ratio=ratio, tau=1.0))
+        methods.append(_mame_at(ratio, tau, query_share=1.0))
+        peer = tomesd_method(ratio, max_downsample=DEFAULT_MAX_DOWNSAMPLE)
         if peer is not None:
             methods.append(peer)
     return methods
@@ -106,39 +122,56 @@ def _mame_at(ratio: float, tau: float, **settings: Any) -> Method:
     return mame(ratio=ratio, **settings) if tau == DEFAULT_TAU else mame(ratio=ratio, tau=tau, **settings)
 
 
-def time_pipeline(pipe, methods: list[Method], *, resolution: int, steps: int, seed: int) -> list[dict[str, Any]]:
-    """One pipeline call per method (after the UNet runs warmed everything up).
+def time_pipeline(
+    pipe, methods: list[Method], *, resolution: int, steps: int, seed: int, rounds: int = 2
+) -> list[dict[str, Any]]:
+    """Pipeline calls, ``rounds`` per method, the methods taking turns round by round (after
+    the UNet runs warmed everything up); the median call counts.
 
-    The call encodes the prompt and runs the denoising loop; decoding is left out
+    A call encodes the prompt and runs the denoising loop; decoding is left out
     (``output_type="latent"``): the VAE is the same for every method and would only add
     the same seconds to each.
     """
-    rows, images = [], {}
-    for method in tqdm(methods, desc="pipeline calls"):
-        method.patch(pipe.unet)
-        try:
-            generator = torch.Generator().manual_seed(seed)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                image = pipe(
-                    PROMPT,
-                    height=resolution,
-                    width=resolution,
-                    num_inference_steps=steps,
-                    generator=generator,
-                    output_type="latent",
-                ).images
-            synchronize(pipe.device)
-            seconds = time.perf_counter() - start
-        finally:
-            method.unpatch(pipe.unet)
-        images[method.name] = image.float().cpu()
-        rows.append({"method": method.name, "pipeline_seconds": seconds})
+    seconds: dict[str, list[float]] = {method.name: [] for method in methods}
+    images = {}
+    bar = tqdm(total=rounds * len(methods), desc="pipeline calls")
+    for _ in range(rounds):
+        for method in methods:
+            method.patch(pipe.unet)
+            try:
+                generator = torch.Generator().manual_seed(seed)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    image = pipe(
+                        PROMPT,
+                        height=resolution,
+                        width=resolution,
+                        num_inference_steps=steps,
+                        generator=generator,
+                        output_type="latent",
+                    ).images
+                synchronize(pipe.device)
+                seconds[method.name].append(time.perf_counter() - start)
+            finally:
+                method.unpatch(pipe.unet)
+            images.setdefault(method.name, image.float().cpu())
+            bar.update()
+    bar.close()
     reference = images[methods[0].name]
-    for row in rows:
-        difference = images[row["method"]] - reference
-        row["pipeline_speedup"] = rows[0]["pipeline_seconds"] / row["pipeline_seconds"]
-        row["latent_error"] = float(difference.norm() / reference.norm())
+    baseline_seconds = statistics.median(seconds[methods[0].name])
+    rows = []
+    for method in methods:
+        median = statistics.median(seconds[method.name])
+        difference = images[method.name] - reference
+        rows.append(
+            {
+                "method": method.name,
+                "pipeline_seconds": median,
+                "pipeline_all_seconds": seconds[method.name],
+                "pipeline_speedup": baseline_seconds / median,
+                "latent_error": float(difference.norm() / reference.norm()),
+            }
+        )
     return rows
 
 
@@ -150,10 +183,12 @@ def benchmark(
     tau: float = DEFAULT_TAU,
     repeats: int = 3,
     steps: int | None = 2,
+    pipeline_rounds: int = 2,
     compile: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Baseline vs MaMe vs tomesd on ``pipe``: UNet calls, then (``steps``) a pipeline call."""
+    """Baseline vs MaMe vs its peers on ``pipe`` (:func:`bench_methods`): UNet calls, then
+    (``steps``) pipeline calls."""
     inputs = _unet_inputs(pipe, resolution, seed)
     methods = bench_methods(ratios, tau)
     call = None
@@ -166,13 +201,18 @@ def benchmark(
     rows = compare_unet(pipe.unet, inputs, methods, repeats=repeats, warmup=1, call=call)
     if steps:
         by_name = {row["method"]: row for row in rows}
-        for extra in time_pipeline(pipe, methods, resolution=resolution, steps=steps, seed=seed):
+        timed = time_pipeline(pipe, methods, resolution=resolution, steps=steps, seed=seed, rounds=pipeline_rounds)
+        for extra in timed:
             by_name[extra["method"]].update(extra)
     return rows
 
 
+#: A method whose timed rounds spread more than this (max - min over the median) is flagged.
+SPREAD_WARNING = 0.10
+
+
 def bench_table(rows: list[dict[str, Any]]) -> str:
-    columns = ["method", "seconds", "speedup", "error"]
+    columns = ["method", "attends", "seconds", "min-max", "speedup", "error"]
     if "pipeline_seconds" in rows[0]:
         columns += ["pipeline_seconds", "pipeline_speedup", "latent_error"]
     formats = {
@@ -183,7 +223,28 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
         "pipeline_speedup": ".2f",
         "latent_error": ".4f",
     }
-    return markdown_table(rows, columns, formats)
+    shown = [{**row, "min-max": f"{row['min_seconds']:.3f}-{row['max_seconds']:.3f}"} for row in rows]
+    return markdown_table(shown, columns, formats)
+
+
+def bench_warnings(rows: list[dict[str, Any]], *, tiny: bool, tomesd_installed: bool) -> list[str]:
+    """What the reader of a bench table must know before ranking its rows."""
+    notes = []
+    if tiny:
+        notes.append(
+            "tiny model (--quick): its calls are dominated by fixed costs, so the speed-ups say only that "
+            "everything runs; time the real architecture (no --quick) to compare methods"
+        )
+    noisy = [f"{row['method']} {row['spread']:.0%}" for row in rows if row.get("spread", 0.0) > SPREAD_WARNING]
+    if noisy:
+        notes.append(
+            f"timed rounds spread more than {SPREAD_WARNING:.0%} (max - min over the median: {', '.join(noisy)}): "
+            "the machine's speed changed during the run (shared CPUs, other work), and speed-ups closer than "
+            "that spread do not rank the methods; rerun with more --repeats on a quieter machine"
+        )
+    if not tomesd_installed:
+        notes.append("tomesd is not installed, so its rows are missing: pip install tomesd (or the [bench] extras)")
+    return notes
 
 
 def run_bench(args, device: torch.device) -> list[Path]:
@@ -198,20 +259,28 @@ def run_bench(args, device: torch.device) -> list[Path]:
         tau=args.tau,
         repeats=args.repeats,
         steps=steps,
+        pipeline_rounds=args.pipeline_rounds,
         compile=args.compile,
         seed=args.seed,
     )
     table = bench_table(rows)
+    notes = bench_warnings(rows, tiny=args.quick, tomesd_installed=tomesd_method(0.5) is not None)
     architecture = "tiny" if args.quick else (args.model or "SD 2.1 architecture, random weights")
     print(f"\nUNet forward ({architecture}, {resolution}x{resolution}, batch 2, {args.dtype}, {device}):")
-    print("seconds = median UNet call; error = relative error of the noise prediction vs baseline;")
+    legend = (
+        "attends = what merged self-attention attends with, of N tokens (every row at one ratio costs the "
+        "same attention); seconds = median UNet call, min-max = its fastest and slowest round "
+        f"({args.repeats} rounds, methods in turn); error = relative error of the noise prediction vs baseline"
+    )
     if steps:
-        print(
-            f"pipeline = one {steps}-step call (prompt encoding + denoising, decoding left out); "
-            "latent_error vs the baseline's final latents."
+        legend += (
+            f"; pipeline = median of {args.pipeline_rounds} {steps}-step calls (prompt encoding + denoising, "
+            "decoding left out), latent_error vs the baseline's final latents"
         )
-    print()
+    print(legend + ".\n")
     print(table)
+    for note in notes:
+        print(f"\nwarning: {note}")
 
     out = Path(args.out)
     payload = {
@@ -222,11 +291,14 @@ def run_bench(args, device: torch.device) -> list[Path]:
             "batch": 2,
             "repeats": args.repeats,
             "pipeline_steps": steps,
+            "pipeline_rounds": args.pipeline_rounds if steps else None,
             "compile": args.compile,
         },
         "rows": rows,
+        "warnings": notes,
     }
-    json_path, md_path = write_report(out / "bench", payload, table)
+    report = "\n\n".join([legend + ".", table, *[f"**Warning:** {note}." for note in notes]])
+    json_path, md_path = write_report(out / "bench", payload, report)
     plot_path = plot_latency(rows, out / "bench.png", title=f"UNet forward, {resolution}x{resolution}, batch 2")
     return [json_path, md_path, plot_path]
 

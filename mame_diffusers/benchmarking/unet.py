@@ -30,19 +30,36 @@ class Method:
     patch: Callable[[torch.nn.Module], Any]
     unpatch: Callable[[torch.nn.Module], Any]
     settings: dict[str, Any] = field(default_factory=dict)
+    #: What the merged self-attentions attend with, e.g. ``"Q N, K/V N/16"``: the equal axis
+    #: on which methods compare.
+    attends: str = "Q N, K/V N"
 
 
 def baseline() -> Method:
     return Method("baseline (SDPA)", lambda unet: None, lambda unet: None)
 
 
-def mame(**settings: Any) -> Method:
+def _share(kept: float) -> str:
+    """``0.0625`` -> ``"N/16"``: the length a fraction ``kept`` of N tokens comes to."""
+    if kept >= 1.0:
+        return "N"
+    inverse = 1.0 / kept
+    return f"N/{round(inverse)}" if abs(inverse - round(inverse)) < 0.05 else f"{kept:.2f}N"
+
+
+def mame(name: str | None = None, **settings: Any) -> Method:
+    """MaMe with ``settings`` (as :func:`apply_mame` takes them)."""
+    from ..diffusers_integration import MaMeConfig
+
+    config = MaMeConfig(**settings)
     label = ", ".join(f"{k}={v}" for k, v in settings.items())
+    queries, keys = _share(1.0 - config.query_ratio), _share(1.0 - config.kv_ratio)
     return Method(
-        f"MaMe ({label})" if label else "MaMe (defaults)",
+        name or (f"MaMe ({label})" if label else "MaMe (defaults)"),
         lambda unet: apply_mame(unet, **settings),
         remove_mame,
         settings,
+        f"Q/K/V {queries}" if queries == keys else f"Q {queries}, K/V {keys}",
     )
 
 
@@ -58,6 +75,7 @@ def tomesd_method(ratio: float, **settings: Any) -> Method | None:
         lambda unet: tomesd.apply_patch(unet, ratio=ratio, **settings),
         tomesd.remove_patch,
         {"ratio": ratio, **settings},
+        f"Q/K/V {_share(1.0 - ratio)}",  # merged before attention, unmerged after
     )
 
 
@@ -117,8 +135,12 @@ def compare_unet(
         rows.append(
             {
                 "method": method.name,
+                "attends": method.attends,
                 "settings": method.settings,
                 "seconds": seconds,
+                "min_seconds": min(times[method.name]),
+                "max_seconds": max(times[method.name]),
+                "spread": (max(times[method.name]) - min(times[method.name])) / seconds,
                 "speedup": reference_time / seconds,
                 "error": float(error),
                 "all_seconds": times[method.name],
