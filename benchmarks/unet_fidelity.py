@@ -9,6 +9,7 @@ unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
     python benchmarks/unet_fidelity.py --sweep sd21-stack --resolution 768
     python benchmarks/unet_fidelity.py --sweep sdxl --resolution 1024 --repeats 2
     python benchmarks/unet_fidelity.py --sweep sd21-restore --resolution 768 --repeats 1
+    python benchmarks/unet_fidelity.py --sweep sd21-distinct --resolution 768 --repeats 1
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ SWEEPS = {
         mame(query_share=1.0),
         refined_mame(query_share=1.0, restore="affine"),
         refined_mame(query_share=1.0, refine=1, restore="affine"),
+    ],
+    # The same with content-following anchors (each cell's least typical token).
+    "sd21-distinct": lambda: [
+        tomesd_method(0.75),
+        refined_mame(query_share=1.0, max_downsample=1, anchor="distinct", refine=1, restore="affine"),
+        tomesd_method(0.75, max_downsample=2),
+        refined_mame(query_share=1.0, anchor="distinct", refine=1, restore="affine"),
     ],
     "sdxl": lambda: [
         tomesd_method(0.75, max_downsample=2),
