@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
+# diffusers' Stable Diffusion module imports transformers' CLIPImageProcessor (the safety
+# checker's inputs); without torchvision, transformers 5 logs on that import that it falls
+# back to the PIL processor. Nothing here uses it: keep the notice out of our import.
+_import_notices = logging.getLogger("transformers.utils.import_utils")
+_level = _import_notices.level
+_import_notices.setLevel(logging.ERROR)
+try:
+    from diffusers import StableDiffusionPipeline
+finally:
+    _import_notices.setLevel(_level)
 
 from .api import apply_mame, remove_mame
 from .diffusers_integration import MaMeConfig, apply_mame_to_unet, patched_config

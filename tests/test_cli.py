@@ -100,3 +100,18 @@ def test_help_and_version_import_no_model_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().endswith("[]"), result.stdout
     assert "mame-diffusers 0." in result.stdout
+
+
+def test_building_the_offline_pipeline_prints_no_warnings():
+    # Issue 10: diffusers' "modules should be kept in float32: []" on every dtype cast, and
+    # transformers' torchvision notices on importing the Stable Diffusion pipeline.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from mame_diffusers.benchmarking.runs import load_pipeline; "
+        "load_pipeline(None, quick=True, device=torch.device('cpu'), dtype=torch.bfloat16)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
