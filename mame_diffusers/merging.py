@@ -17,8 +17,9 @@ The formulation (``docs/operator.md``; the method is from arXiv 2604.13432):
    ``one_hot``/``scatter``. A soft mode uses ``softmax(similarity / temperature)``.
 4. **Merge (MaMe).** ``Y = diag(n)^-1 A^T X`` with sizes ``n = A^T 1``.
 5. **Restore (MaRe).** ``X_hat = A @ O``: every token receives its slot's output. Optional
-   refinements (``docs/operator.md``, section 6): ``refine`` moves the anchors to the means
-   of their slots and assigns again (k-means steps), and ``restore="affine"`` gives each
+   refinements (``docs/operator.md``, section 6): ``anchor="distinct"`` takes each cell's
+   least typical token as its anchor, ``refine`` moves the anchors to the means of their
+   slots and assigns again (k-means steps), and ``restore="affine"`` gives each
    token the affine combination of nearby slots' outputs that best rebuilds its own input
    from the slots' inputs (a ridge least-squares fit, one small solve per block).
 
@@ -772,9 +773,11 @@ def _affine_restore_weights(
     system = gram + torch.diag_embed(ridge * squared_norms.mean(dim=-1, keepdim=True).expand_as(squared_norms))
     hard = assignment.to(fit_dtype)
     residual = token_blocks.to(fit_dtype) @ candidates.transpose(-1, -2) - hard @ gram  # rows of Z (x - a Z)
-    # One solve for every token's right-hand side and for v (P is symmetric).
+    # One solve for every token's right-hand side and for v (P is symmetric). solve_ex: P is
+    # positive definite by construction, and the error check of solve would wait for the
+    # GPU (a host sync).
     rhs = torch.cat([residual.transpose(-1, -2), valid[..., None]], dim=-1)
-    solved = torch.linalg.solve(system, rhs).transpose(-1, -2)
+    solved = torch.linalg.solve_ex(system, rhs)[0].transpose(-1, -2)
     fitted, constraint = solved[..., :-1, :], solved[..., -1:, :]
     multiplier = fitted.sum(dim=-1, keepdim=True) / constraint.sum(dim=-1, keepdim=True)
     return hard + (fitted - multiplier * constraint)
