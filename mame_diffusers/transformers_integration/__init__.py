@@ -18,7 +18,7 @@ Every transformers concept MaMe touches lives in this package, one module each (
   ``H x (W*T)`` grid with time innermost, so that static content merges across frames.
 * **Sizes.** A per-model state object, created by :func:`apply_mame_to_vision_model` and
   reached only through the hooks and the attention modules, tracks how many original patches
-  each token stands for. It is reset at the start of every forward pass.
+  each token stands for. It is reset at the start of every forward pass and kept per thread.
 * **Proportional attention.** The model's attention implementation (``eager`` or ``sdpa``)
   is swapped for a wrapper registered with transformers' ``AttentionInterface``
   (``mame_eager`` / ``mame_sdpa``). The wrapper finds the state through an attribute set on
