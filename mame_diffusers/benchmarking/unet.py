@@ -51,15 +51,20 @@ def mame(name: str | None = None, **settings: Any) -> Method:
     """MaMe with ``settings`` (as :func:`apply_mame` takes them)."""
     from ..diffusers_integration import MaMeConfig
 
-    config = MaMeConfig(**settings)
     label = ", ".join(f"{k}={v}" for k, v in settings.items())
-    queries, keys = _share(1.0 - config.query_ratio), _share(1.0 - config.kv_ratio)
+    try:
+        config = MaMeConfig(**settings)
+    except (TypeError, ValueError):  # patching raises the same, and the benchmark records it
+        attends = "?"
+    else:
+        queries, keys = _share(1.0 - config.query_ratio), _share(1.0 - config.kv_ratio)
+        attends = f"Q/K/V {queries}" if queries == keys else f"Q {queries}, K/V {keys}"
     return Method(
         name or (f"MaMe ({label})" if label else "MaMe (defaults)"),
         lambda unet: apply_mame(unet, **settings),
         remove_mame,
         settings,
-        f"Q/K/V {queries}" if queries == keys else f"Q {queries}, K/V {keys}",
+        attends,
     )
 
 
