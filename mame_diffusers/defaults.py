@@ -11,12 +11,18 @@ The operator's defaults are re-exported by :mod:`mame_diffusers.merging`, the UN
 #: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
 DEFAULT_TAU = 0.0
 #: What each cell offers to merge into (see :func:`plan_merge`).
-ANCHORS = ("strided", "random", "pooled")
+ANCHORS = ("strided", "random", "pooled", "distinct")
 DEFAULT_ANCHOR = "strided"
 #: Side of the token blocks in which anchors are placed (``None``: the whole grid).
 DEFAULT_BLOCK = 8
 #: How many anchor cells beyond its block (on every side) a token may merge into.
 DEFAULT_HALO = 2
+#: k-means steps on the anchors before the final assignment (``refine``).
+DEFAULT_REFINE = 0
+#: How merged outputs go back to the tokens: ``"copy"`` each token its slot's value,
+#: ``"affine"`` the combination of nearby slots that best rebuilds its own input.
+RESTORES = ("copy", "affine")
+DEFAULT_RESTORE = "copy"
 
 # -- diffusers UNets (diffusers_integration.py) -------------------------------------------
 

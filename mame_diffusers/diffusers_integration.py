@@ -39,6 +39,8 @@ from .defaults import (
     DEFAULT_MIN_LATENT_TOKENS,
     DEFAULT_QUERY_SHARE,
     DEFAULT_RATIO,
+    DEFAULT_REFINE,
+    DEFAULT_RESTORE,
     DEFAULT_STACK_MIN_LAYERS,
     DEFAULT_STACK_RATIO,
 )
@@ -101,6 +103,11 @@ class MaMeConfig(OperatorSettings):
     and MLP) runs on the merged tokens; self-attention inside then also merges its keys and
     values and weights merged tokens by their sizes. ``0`` turns it off.
 
+    ``refine`` and ``restore`` (operator options, see :func:`mame_diffusers.plan_merge`)
+    matter where tokens are restored: queries with ``query_share > 0`` and deep stacks.
+    There ``anchor="distinct", refine=1, restore="affine"`` is the most faithful setting
+    measured (docs/fidelity.md); it costs more on a CPU and was not timed on a GPU.
+
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
 
@@ -118,6 +125,8 @@ class MaMeConfig(OperatorSettings):
     stack_min_layers: int = DEFAULT_STACK_MIN_LAYERS
     min_latent_tokens: int | None = None
     reuse_plans: bool = True
+    refine: int = DEFAULT_REFINE
+    restore: str = DEFAULT_RESTORE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", self.check_operator_settings(self.ratio))

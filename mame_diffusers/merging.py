@@ -40,11 +40,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .defaults import ANCHORS, DEFAULT_ANCHOR, DEFAULT_BLOCK, DEFAULT_HALO, DEFAULT_TAU
+from .defaults import (
+    ANCHORS,
+    DEFAULT_ANCHOR,
+    DEFAULT_BLOCK,
+    DEFAULT_HALO,
+    DEFAULT_REFINE,
+    DEFAULT_RESTORE,
+    DEFAULT_TAU,
+    RESTORES,
+)
 
 __all__ = [
     "AFFINE_RIDGE",
-    "ALL_ANCHORS",
     "ANCHORS",
     "DEFAULT_ANCHOR",
     "DEFAULT_BLOCK",
@@ -65,13 +73,6 @@ __all__ = [
 # below any cosine, so never the best match and never above ``tau``.
 _INVALID_SIMILARITY = -2.0
 
-#: Every anchor choice :func:`plan_merge` takes: the configurable ones (``ANCHORS``) and
-#: ``"distinct"``, each cell's token least like its cell's mean (content-following).
-ALL_ANCHORS = tuple(dict.fromkeys((*ANCHORS, "distinct")))
-
-#: How merged outputs go back to the tokens: ``"copy"`` gives every token its slot's value,
-#: ``"affine"`` an affine combination of the slots in its reach fitted to its own input.
-RESTORES = ("copy", "affine")
 
 #: Ridge of the affine restore, relative to the mean squared norm of a block's slots: it pulls
 #: the fit towards plain copying. Measured on the layer benchmark (docs/fidelity.md): 0.01
@@ -118,8 +119,8 @@ def check_merge_settings(
     anchor: str = "strided",
     temperature: float | None = None,
     straight_through: bool = False,
-    refine: int = 0,
-    restore: str = "copy",
+    refine: int = DEFAULT_REFINE,
+    restore: str = DEFAULT_RESTORE,
 ) -> float:
     """Validate merge settings up front, with messages that say what is allowed.
 
@@ -131,8 +132,8 @@ def check_merge_settings(
         raise ValueError(f"block must be a positive int or None (global merging), got {block!r}")
     if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
         raise ValueError(f"halo must be a non-negative int, got {halo!r}")
-    if anchor not in ALL_ANCHORS:
-        raise ValueError(f"anchor must be one of {ALL_ANCHORS}, got {anchor!r}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     if temperature is not None and (not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be a positive number or None (hard assignment), got {temperature!r}")
     if not isinstance(straight_through, bool):
@@ -578,8 +579,8 @@ def plan_merge(
     temperature: float | None = None,
     straight_through: bool = False,
     sizes: torch.Tensor | None = None,
-    refine: int = 0,
-    restore: str = "copy",
+    refine: int = DEFAULT_REFINE,
+    restore: str = DEFAULT_RESTORE,
 ) -> MergePlan:
     """Plan how the tokens ``x`` of shape ``(B, N, C)`` on an ``hw = (H, W)`` grid merge.
 
@@ -659,8 +660,8 @@ def plan_on_layout(
     temperature: float | None,
     straight_through: bool,
     sizes: torch.Tensor | None = None,
-    refine: int = 0,
-    restore: str = "copy",
+    refine: int = DEFAULT_REFINE,
+    restore: str = DEFAULT_RESTORE,
 ) -> MergePlan:
     """:func:`plan_merge` on a ready layout, with settings already checked: the hot path."""
     dtype, device = x.dtype, x.device
@@ -913,8 +914,8 @@ class OperatorSettings:
     anchor: str
     temperature: float | None
     straight_through: bool
-    refine: int = 0
-    restore: str = "copy"
+    refine: int = DEFAULT_REFINE
+    restore: str = DEFAULT_RESTORE
 
     @property
     def operator_options(self) -> dict[str, Any]:

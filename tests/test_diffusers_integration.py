@@ -634,3 +634,39 @@ def test_threads_sharing_one_patched_unet_get_their_own_outputs():
     with ThreadPoolExecutor(max_workers=3) as pool:
         outputs = list(pool.map(lambda hw: (hw, run(unet, inputs[hw])), jobs))
     assert all(torch.equal(out, expected[hw]) for hw, out in outputs)
+
+
+# -- the operator's restore options ----------------------------------------------------------
+
+
+def test_restoring_options_make_merge_and_restore_more_faithful(tiny_unet):
+    # issue 12: distinct anchors, one k-means step and the affine restore (docs/fidelity.md).
+    inputs = unet_inputs(tiny_unet, (32, 32))
+    reference = run(tiny_unet, inputs)
+
+    def error(**settings):
+        apply_mame(tiny_unet, ratio=0.75, query_share=1.0, **settings)
+        try:
+            out = run(tiny_unet, inputs)
+        finally:
+            remove_mame(tiny_unet)
+        return float(torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference))
+
+    plain = error()
+    faithful = error(anchor="distinct", refine=1, restore="affine")
+    assert faithful < 0.95 * plain, (faithful, plain)
+
+
+def test_restore_option_changes_nothing_where_nothing_is_restored(tiny_unet):
+    # query_share=0 on SD: keys/values merge, queries are kept, nothing is restored.
+    inputs = unet_inputs(tiny_unet, (32, 32))
+    outputs = []
+    for restore in ("copy", "affine"):
+        apply_mame(tiny_unet, ratio=0.75, restore=restore)
+        outputs.append(run(tiny_unet, inputs))
+        remove_mame(tiny_unet)
+    assert torch.equal(*outputs)
+    with pytest.raises(ValueError, match="restore must be one of"):
+        MaMeConfig(restore="soft")
+    with pytest.raises(ValueError, match="refine"):
+        MaMeConfig(refine=-1)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mame_diffusers import merge_layout, plan_merge, proportional_attention_bias
-from mame_diffusers.merging import ALL_ANCHORS, ANCHORS
+from mame_diffusers.merging import ANCHORS
 
 from .banned_ops import assert_no_banned_ops
 
@@ -53,7 +53,7 @@ def test_merged_length_is_static_and_bounded(height, width, ratio, block, halo):
     ratio=st.floats(0.0, 0.95),
     block=st.sampled_from([None, 4, 8]),
     halo=st.integers(0, 3),
-    anchor=st.sampled_from(ALL_ANCHORS),
+    anchor=st.sampled_from(ANCHORS),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_shapes_sizes_and_dtypes(height, width, ratio, block, halo, anchor, dtype):
@@ -83,7 +83,7 @@ def test_merged_length_follows_ratio_on_a_64_grid():
 
 
 @pytest.mark.parametrize("block,halo", [(8, 2), (4, 1), (None, 0), (16, 0)])
-@pytest.mark.parametrize("anchor", ALL_ANCHORS)
+@pytest.mark.parametrize("anchor", ANCHORS)
 def test_restore_of_merge_is_exact_on_constant_tokens(block, halo, anchor):
     x = torch.randn(2, 1, 5).expand(2, 24 * 20, 5).contiguous()
     plan = plan_merge(x, (24, 20), ratio=0.75, block=block, halo=halo, anchor=anchor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..defaults import DEFAULT_REFINE
 from ..merging import (
     DEFAULT_ANCHOR,
     DEFAULT_HALO,
@@ -70,8 +71,9 @@ class VisionMaMeConfig(OperatorSettings):
         layers: indices (from 0) of the encoder layers whose input is merged. ``None``: the
             first ``len(ratio)`` layers for a schedule, else the first two thirds of the
             layers (8 of ViT-B's 12, the paper's setting).
-        tau, block, halo, anchor, temperature, straight_through: operator options, see
-            :func:`mame_diffusers.plan_merge`.
+        tau, block, halo, anchor, temperature, straight_through, refine: operator options,
+            see :func:`mame_diffusers.plan_merge` (vision models merge and never restore, so
+            the operator's ``restore`` has no field here).
         proportional_attention: weight each merged key by the number of patches it stands
             for (``log(size)`` added to its logits) in every layer after the first merge and
             in SigLIP's pooling head.
@@ -95,6 +97,7 @@ class VisionMaMeConfig(OperatorSettings):
     proportional_attention: bool = True
     video_grid: str = DEFAULT_VIDEO_GRID
     similarity_channels: int | None = DEFAULT_SIMILARITY_CHANNELS
+    refine: int = DEFAULT_REFINE
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, (list, tuple)):
