@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resolution", type=_resolution, default=512)
     bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
-    bench.add_argument("--steps", type=_positive, default=1, help="denoising steps in each timed pipeline call")
+    bench.add_argument("--steps", type=_positive, default=2, help="denoising steps in each timed pipeline call")
     bench.add_argument(
         "--pipeline-rounds", type=_positive, default=2, help="timed pipeline calls per method (median)"
     )
