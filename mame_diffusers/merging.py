@@ -148,9 +148,15 @@ def check_merge_settings(
 
 
 #: Anchor cells may be at most this much longer than wide (or wider than long) when a grid of
-#: them within :data:`_SQUARE_ENOUGH_SHARE` of the most anchors allows it.
+#: them keeps enough of the anchors: within :data:`_SQUARE_ENOUGH_SHARE` of the most, or
+#: failing that at least :data:`_SQUARE_AT_LEAST_SHARE` of them.
 _MAX_CELL_ASPECT = 2.0
 _SQUARE_ENOUGH_SHARE = 0.9
+_SQUARE_AT_LEAST_SHARE = 0.5
+#: Blocks grow (doubling) while whole anchors per block would keep less than this share of the
+#: requested merged length (8 x 8 blocks at ratio 0.97 hold 1.9 anchors' worth each: one
+#: anchor per block would halve M).
+_BLOCK_KEEPS_SHARE = 0.75
 
 
 def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
@@ -159,8 +165,9 @@ def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
 
     The most anchors can mean degenerate cells (41 anchors in a 64 x 64 grid: one row of
     1 x 41, cells 64 tokens tall and 1.6 wide); a grid with at least 90% as many anchors
-    and cells at most 2:1 is preferred (5 x 8: 40 anchors). Among grids with equally many
-    anchors, the one whose cells are squarest wins.
+    and cells at most 2:1 is preferred (5 x 8: 40 anchors), else one with at least half as
+    many (7 anchors in a 16 x 16 block: 2 x 3 = 6, not 1 x 7). Among grids with equally
+    many anchors, the one whose cells are squarest wins.
     """
     options = []
     for kh in range(1, rows + 1):
@@ -170,8 +177,14 @@ def _fit_anchor_grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
         skew = abs(math.log((rows / kh) / (cols / kw)))
         options.append((kh * kw, -skew, kh, kw))
     most = max(count for count, *_ in options)
-    square = [o for o in options if o[0] >= _SQUARE_ENOUGH_SHARE * most and -o[1] <= math.log(_MAX_CELL_ASPECT) + 1e-9]
-    best = max(square or options)
+    squarish = [o for o in options if -o[1] <= math.log(_MAX_CELL_ASPECT) + 1e-9]
+    for share in (_SQUARE_ENOUGH_SHARE, _SQUARE_AT_LEAST_SHARE):
+        enough = [o for o in squarish if o[0] >= share * most]
+        if enough:
+            best = max(enough)
+            break
+    else:
+        best = max(options)
     return best[2], best[3]
 
 
@@ -451,13 +464,15 @@ def _layout(height: int, width: int, ratio: float, block: int | None, halo: int)
         per_block = budget // (blocks_h * blocks_w)
         if per_block >= 1:
             anchors_h, anchors_w = _fit_anchor_grid(per_block, block_h, block_w)
-            # A halo reaches at most one block over, and only where there is one.
-            halo_h = min(halo, anchors_h) if blocks_h > 1 else 0
-            halo_w = min(halo, anchors_w) if blocks_w > 1 else 0
-            return MergeLayout(
-                height, width, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, halo_h, halo_w
-            )
-        # Too few anchors for one per block: use larger blocks.
+            kept = anchors_h * anchors_w * blocks_h * blocks_w
+            if kept >= _BLOCK_KEEPS_SHARE * budget or block >= max(height, width):
+                # A halo reaches at most one block over, and only where there is one.
+                halo_h = min(halo, anchors_h) if blocks_h > 1 else 0
+                halo_w = min(halo, anchors_w) if blocks_w > 1 else 0
+                return MergeLayout(
+                    height, width, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, halo_h, halo_w
+                )
+        # Too few anchors per block to come near the merged length asked for: larger blocks.
         block = None if block >= max(height, width) else 2 * block
 
     anchors_h, anchors_w = _fit_anchor_grid(budget, height, width)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -538,3 +539,29 @@ def test_anchor_cells_stay_close_to_square_at_high_ratios(hw, ratio, block):
     cell_h, cell_w = layout.block_h / layout.anchors_h, layout.block_w / layout.anchors_w
     assert max(cell_h / cell_w, cell_w / cell_h) <= 2.0 + 1e-9
     assert 0.9 * budget <= layout.num_merged <= budget
+
+
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("ratio", [0.95, 0.97, 0.98])
+def test_blocked_layouts_keep_square_cells_and_most_of_the_merged_length(ratio, block):
+    # Issue 10 #7: 8 x 8 blocks at 0.97 kept one anchor each (M = 64 of 123), and 16 x 16
+    # blocks took 1 x 7 anchors (cells 16 tokens tall, 2.3 wide).
+    layout = merge_layout((64, 64), ratio, block=block)
+    budget = round(4096 * (1 - ratio))
+    cell_h, cell_w = layout.block_h / layout.anchors_h, layout.block_w / layout.anchors_w
+    assert max(cell_h / cell_w, cell_w / cell_h) <= 2.0 + 1e-9
+    assert 0.75 * budget <= layout.num_merged <= budget
+
+
+def test_blocked_merging_restores_better_at_a_lower_ratio():
+    # It used to be the other way round: blocked 0.97 restored worse than 0.99 did.
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 16, 8, 8, generator=generator)
+    x = F.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+    def error(ratio: float) -> float:
+        plan = plan_merge(x, (64, 64), ratio=ratio, block=8)
+        return float(torch.linalg.vector_norm(plan.restore(plan.merge(x)) - x) / torch.linalg.vector_norm(x))
+
+    errors = [error(ratio) for ratio in (0.9, 0.95, 0.97, 0.99)]
+    assert errors == sorted(errors), errors
