@@ -76,19 +76,23 @@ def main() -> None:
     out = Path(args.out)
 
     bench = LayerBench(PHOTOS[:2] if args.quick else PHOTOS)
-    full_ms = bench.milliseconds(full_attention, 0, repeats=3)
     variants = [v for v in MAME_VARIANTS if not args.quick or v[1] in QUICK]
     jobs = [(ratio, family, label, settings) for ratio in args.ratios for family, label, settings in variants]
     jobs += [(ratio, "peer", name, None) for ratio in args.ratios for name in ("tomesd", "ToDo (kv pooling)", "pool/unpool")]
-    rows = []
-    for ratio, family, label, settings in tqdm(jobs, desc="ablation"):
+    rows, calls = [], {"full": (full_attention, 0)}
+    for ratio, family, label, settings in tqdm(jobs, desc="ablation errors"):
         num_merged = merge_layout(bench.hw, ratio).num_merged
         if settings is None:
             method = {"tomesd": tomesd_attention(), "ToDo (kv pooling)": kv_pool_attention, "pool/unpool": pool_attention}[label]
         else:
             method = mame_attention(ratio=ratio, **settings)
-        error, ms = bench.error(method, num_merged), bench.milliseconds(method, num_merged, args.repeats)
-        rows.append({"ratio": ratio, "family": family, "variant": label, "error": error, "ms": ms, "speedup": full_ms / ms})
+        calls[f"{ratio} {label}"] = (method, num_merged)
+        rows.append({"ratio": ratio, "family": family, "variant": label, "error": bench.error(method, num_merged)})
+    # Timed round by round, every variant once per round: drift on a shared machine hits all alike.
+    timed = bench.interleaved_milliseconds(calls, rounds=args.repeats)
+    full_ms = timed.pop("full")["ms"]
+    for row, name in zip(rows, timed):
+        row.update(timed[name], speedup=full_ms / timed[name]["ms"])
 
     for ratio in args.ratios:
         peer = next(r for r in rows if r["ratio"] == ratio and r["variant"] == "tomesd")
@@ -99,8 +103,9 @@ def main() -> None:
 
     table = markdown_table(
         rows,
-        ["ratio", "family", "variant", "error", "error_vs_tomesd", "ms", "time_vs_tomesd", "speedup"],
-        {"ratio": ".2f", "error": ".4f", "error_vs_tomesd": ".2f", "ms": ".1f", "time_vs_tomesd": ".2f", "speedup": ".2f"},
+        ["ratio", "family", "variant", "error", "error_vs_tomesd", "ms", "min ms", "max ms", "time_vs_tomesd", "speedup"],
+        {"ratio": ".2f", "error": ".4f", "error_vs_tomesd": ".2f", "ms": ".1f", "min ms": ".1f", "max ms": ".1f",
+         "time_vs_tomesd": ".2f", "speedup": ".2f"},
     )
     print(table)
     payload = {
@@ -112,6 +117,8 @@ def main() -> None:
             "batch": 2,
             "photos": list(bench.tokens),
             "full_ms": full_ms,
+            "rounds": args.repeats,
+            "attention_entropy": bench.attention_entropy(),  # a fraction of log N
         },
         "rows": rows,
     }

@@ -17,7 +17,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from mame_diffusers import merge_layout
+from mame_diffusers import MaMeConfig, merge_layout
 from mame_diffusers.benchmarking.layer import (
     LayerBench,
     full_attention,
@@ -28,18 +28,32 @@ from mame_diffusers.benchmarking.layer import (
 )
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 
-# name -> builder of the layer method at a given ratio (peers take M from the caller).
+
+def _mame_kv_length(ratio: float) -> int:
+    """How many keys/values MaMe's default (keys/values-only) merge leaves at ``ratio``."""
+    return merge_layout((64, 64), MaMeConfig(ratio=ratio).kv_ratio).num_merged
+
+
+def _kv_pool_at_mame_length(ratio: float):
+    kv_length = _mame_kv_length(ratio)
+    return lambda attn, tokens, hw, num_merged: kv_pool_attention(attn, tokens, hw, kv_length)
+
+
+# name -> (builder of the layer method at a ratio, keys/values it attends to given the ratio
+# and the merged length M). Peers take M from the caller. Rows at one ratio cost the same
+# attention (queries x keys) except the first ToDo row, which keeps every query at M keys.
 METHODS = {
-    "tomesd": lambda ratio: tomesd_attention(),
-    "pool/unpool": lambda ratio: pool_attention,
-    "keys/values pooling (ToDo)": lambda ratio: kv_pool_attention,
-    "MaMe (defaults)": lambda ratio: mame_attention(ratio=ratio),
-    "MaMe symmetric (query_share=1)": lambda ratio: mame_attention(ratio=ratio, query_share=1.0),
-    "MaMe symmetric, global (block=None)": lambda ratio: mame_attention(
-        ratio=ratio, query_share=1.0, block=None, halo=0
+    "tomesd": (lambda ratio: tomesd_attention(), lambda ratio, m: m),
+    "pool/unpool": (lambda ratio: pool_attention, lambda ratio, m: m),
+    "keys/values pooling (ToDo), M keys": (lambda ratio: kv_pool_attention, lambda ratio, m: m),
+    "keys/values pooling (ToDo), MaMe's K/V length": (_kv_pool_at_mame_length, lambda ratio, m: _mame_kv_length(ratio)),
+    "MaMe (defaults)": (lambda ratio: mame_attention(ratio=ratio), lambda ratio, m: _mame_kv_length(ratio)),
+    "MaMe symmetric (query_share=1)": (lambda ratio: mame_attention(ratio=ratio, query_share=1.0), lambda ratio, m: m),
+    "MaMe symmetric, global (block=None)": (
+        lambda ratio: mame_attention(ratio=ratio, query_share=1.0, block=None, halo=0),
+        lambda ratio, m: m,
     ),
 }
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,32 +66,34 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     bench = LayerBench()
-    full_ms = bench.milliseconds(full_attention, 0, args.repeats)
-    rows = [{"ratio": 0.0, "method": "full attention (SDPA)", "M": 4096, "error": 0.0, "ms": full_ms, "speedup": 1.0}]
     jobs = [(ratio, name) for ratio in args.ratios for name in args.methods]
-    for ratio, name in tqdm(jobs, desc="layer benchmark"):
+    calls = {"full attention (SDPA)": (full_attention, 0)}
+    rows = [{"ratio": 0.0, "method": "full attention (SDPA)", "M": 4096, "keys/values": 4096, "error": 0.0}]
+    for ratio, name in tqdm(jobs, desc="layer errors"):
         num_merged = merge_layout(bench.hw, ratio).num_merged
-        method = METHODS[name](ratio)
-        error = bench.error(method, num_merged)
-        ms = bench.milliseconds(method, num_merged, args.repeats)
-        rows.append(
-            {
-                "ratio": ratio,
-                "method": name,
-                "M": num_merged,
-                "error": error,
-                "ms": ms,
-                "speedup": full_ms / ms,
-            }
-        )
+        build, kv_length = METHODS[name]
+        method = build(ratio)
+        calls[f"{ratio} {name}"] = (method, num_merged)
+        row = {"ratio": ratio, "method": name, "M": num_merged, "keys/values": kv_length(ratio, num_merged)}
+        rows.append({**row, "error": bench.error(method, num_merged)})
+    # Timed round by round, every method once per round: drift on a shared machine hits all alike.
+    timed = bench.interleaved_milliseconds(calls, rounds=args.repeats)
+    for row, name in zip(rows, calls):
+        row.update(timed[name])
+    full_ms = rows[0]["ms"]
+    for row in rows:
+        row["speedup"] = full_ms / row["ms"]
 
     table = markdown_table(
         rows,
-        ["ratio", "method", "M", "error", "ms", "speedup"],
-        {"ratio": ".2f", "error": ".4f", "ms": ".1f", "speedup": ".2f"},
+        ["ratio", "method", "M", "keys/values", "error", "ms", "min ms", "max ms", "speedup"],
+        {"ratio": ".2f", "error": ".4f", "ms": ".1f", "min ms": ".1f", "max ms": ".1f", "speedup": ".2f"},
     )
     print(table)
-    setup = {"grid": bench.hw, "channels": 320, "heads": 5, "batch": 2}
+    setup = {
+        "grid": bench.hw, "channels": 320, "heads": 5, "batch": 2, "rounds": args.repeats,
+        "attention_entropy": bench.attention_entropy(),  # a fraction of log N
+    }
     payload = {"environment": environment(), "setup": setup, "rows": rows}
     json_path, md_path = write_report(args.out, payload, table)
     print(f"\nwrote {json_path} and {md_path}")

@@ -7,6 +7,8 @@ Every method takes ``(attn, tokens, hw, num_merged)`` and returns the layer outp
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -171,6 +173,25 @@ class LayerBench:
             for name, t in self.tokens.items()
         ]
         return sum(errors) / len(errors)
+
+    def interleaved_milliseconds(
+        self, calls: dict[str, tuple[LayerMethod, int]], rounds: int, warmup: int = 1
+    ) -> dict[str, dict[str, float]]:
+        """Time every ``name -> (method, merged length)`` on the timing batch, the methods
+        taking turns call by call for ``rounds`` rounds (a machine whose speed drifts then
+        slows them all alike); per name the median, min and max ms."""
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        with torch.inference_mode():
+            for round_index in range(warmup + rounds):
+                for name, (method, num_merged) in calls.items():
+                    start = time.perf_counter()
+                    method(self.attn, self.timing_batch, self.hw, num_merged)
+                    if round_index >= warmup:
+                        times[name].append(1e3 * (time.perf_counter() - start))
+        return {
+            name: {"ms": statistics.median(values), "min ms": min(values), "max ms": max(values)}
+            for name, values in times.items()
+        }
 
     def milliseconds(self, method: LayerMethod, num_merged: int, repeats: int) -> float:
         """Median time of one call on the timing batch."""
