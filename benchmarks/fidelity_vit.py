@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +32,6 @@ from mame_diffusers.benchmarking.report import environment, markdown_table, writ
 from mame_diffusers.transformers_integration import apply_mame_to_vision_model, remove_mame_from_vision_model
 
 from vit_benchmark import BASE, tome_token_merge  # the same peer as the throughput benchmark
-
-
-@dataclass(frozen=True)
-class RefinedVisionMaMeConfig(VisionMaMeConfig):
-    """:class:`VisionMaMeConfig` with the operator's ``refine`` and ``restore`` options."""
-
-    refine: int = 0
-    restore: str = "copy"
 
 
 def photo_crops(count: int, size: int = 224, seed: int = 0) -> torch.Tensor:
@@ -103,11 +94,11 @@ def main() -> None:
     pixels = (photo_crops(args.crops) - 0.5) / 0.5
     default = VisionMaMeConfig()
     methods = {
-        "MaMe default": RefinedVisionMaMeConfig(),
-        "MaMe default, refine=1": RefinedVisionMaMeConfig(refine=1),
-        "MaMe default, refine=2": RefinedVisionMaMeConfig(refine=2),
-        "MaMe default, distinct anchors": RefinedVisionMaMeConfig(anchor="distinct"),
-        "MaMe default, distinct anchors, refine=1": RefinedVisionMaMeConfig(anchor="distinct", refine=1),
+        "MaMe default": VisionMaMeConfig(),
+        "MaMe default, refine=1": VisionMaMeConfig(refine=1),
+        "MaMe default, refine=2": VisionMaMeConfig(refine=2),
+        "MaMe default, distinct anchors": VisionMaMeConfig(anchor="distinct"),
+        "MaMe default, distinct anchors, refine=1": VisionMaMeConfig(anchor="distinct", refine=1),
         "ToMe-style bipartite, same counts": None,
     }
     rows, settings = [], []

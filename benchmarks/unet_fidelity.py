@@ -19,24 +19,10 @@ import warnings
 
 import torch
 
-from mame_diffusers.benchmarking.layer import RefinedMaMeConfig
 from mame_diffusers.benchmarking.photos import photo_latent_batch
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-from mame_diffusers.benchmarking.unet import Method, baseline, compare_unet, mame, tomesd_method
-from mame_diffusers.diffusers_integration import apply_mame_to_unet, remove_mame_from_unet
+from mame_diffusers.benchmarking.unet import baseline, compare_unet, mame, tomesd_method
 from mame_diffusers.offline import build_unet, unet_inputs
-
-def refined_mame(**settings) -> Method:
-    """MaMe with the operator's ``refine``/``restore`` options, which MaMeConfig does not
-    declare yet (:class:`RefinedMaMeConfig`)."""
-    label = ", ".join(f"{k}={v}" for k, v in settings.items())
-    return Method(
-        f"MaMe ({label})",
-        lambda unet: apply_mame_to_unet(unet, RefinedMaMeConfig(**settings)),
-        remove_mame_from_unet,
-        settings,
-    )
-
 
 # The settings worth comparing on each architecture: tomesd at its defaults and at the
 # max_downsample SDXL needs, MaMe at its defaults and at the settings that trade fidelity
@@ -67,18 +53,24 @@ SWEEPS = {
     "sd21-restore": lambda: [
         tomesd_method(0.75),
         mame(query_share=1.0, max_downsample=1),
-        refined_mame(query_share=1.0, max_downsample=1, refine=1, restore="affine"),
+        mame(query_share=1.0, max_downsample=1, refine=1, restore="affine"),
         tomesd_method(0.75, max_downsample=2),
         mame(query_share=1.0),
-        refined_mame(query_share=1.0, restore="affine"),
-        refined_mame(query_share=1.0, refine=1, restore="affine"),
+        mame(query_share=1.0, restore="affine"),
+        mame(query_share=1.0, refine=1, restore="affine"),
     ],
     # The same with content-following anchors (each cell's least typical token).
     "sd21-distinct": lambda: [
         tomesd_method(0.75),
-        refined_mame(query_share=1.0, max_downsample=1, anchor="distinct", refine=1, restore="affine"),
+        mame(query_share=1.0, max_downsample=1, anchor="distinct", refine=1, restore="affine"),
         tomesd_method(0.75, max_downsample=2),
-        refined_mame(query_share=1.0, anchor="distinct", refine=1, restore="affine"),
+        mame(query_share=1.0, anchor="distinct", refine=1, restore="affine"),
+    ],
+    # MaMe's deep-stack merge runs whole layers (self- and cross-attention, MLP) on fewer
+    # tokens; tomesd's matching knobs are merge_crossattn and merge_mlp.
+    "sdxl-stack-peers": lambda: [
+        tomesd_method(0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True),
+        mame(),
     ],
     "sdxl": lambda: [
         tomesd_method(0.75, max_downsample=2),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,21 +35,12 @@ def full_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], n
     return attn(tokens)
 
 
-@dataclass(frozen=True)
-class RefinedMaMeConfig(MaMeConfig):
-    """:class:`MaMeConfig` with the operator's ``refine`` and ``restore`` options as fields
-    (see :func:`mame_diffusers.plan_merge`), for benchmarks on the real processor."""
-
-    refine: int = 0
-    restore: str = "copy"
-
-
 def mame_attention(**settings) -> LayerMethod:
     """MaMe through the real processor, on the grid as a ``(B, C, H, W)`` input tells it
     (a bare processor: no UNet tracker, and this call is its largest, so level 1)."""
 
     def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
-        processor = MaMeProcessor(config=RefinedMaMeConfig(**{"min_latent_tokens": 0, **settings}))
+        processor = MaMeProcessor(config=MaMeConfig(**{"min_latent_tokens": 0, **settings}))
         attn.set_processor(processor)
         batch, _, channels = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
