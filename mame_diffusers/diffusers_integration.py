@@ -232,7 +232,9 @@ class _TransformerGrid:
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
-        hw = (int(hidden.shape[-2]), int(hidden.shape[-1])) if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 else None
+        hw = None
+        if isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
+            hw = (int(hidden.shape[-2]), int(hidden.shape[-1]))
         state = self.tracker.current
         state.grids[self] = hw
         state.stacks.pop(self, None)
