@@ -25,8 +25,14 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from mame_diffusers import merge_layout
-from mame_diffusers.benchmarking.layer import LayerBench, full_attention, mame_attention, tomesd_attention
+from mame_diffusers import MaMeConfig, merge_layout
+from mame_diffusers.benchmarking.layer import (
+    LayerBench,
+    full_attention,
+    kv_pool_attention,
+    mame_attention,
+    tomesd_attention,
+)
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 
 SYMMETRIC = {"query_share": 1.0}
@@ -58,11 +64,18 @@ METHODS = {
     "MaMe symmetric, global, refine=1 (copy)": lambda ratio: mame_attention(
         ratio=ratio, refine=1, block=None, halo=0, **SYMMETRIC
     ),
-    # The default keys/values-only path, for reference (it never restores).
+    # The default keys/values-only path, for reference (it never restores), and its
+    # like-for-like peer: keys/values average-pooled to the same length (ToDo-style).
     "MaMe defaults (keys/values only)": lambda ratio: mame_attention(ratio=ratio),
+    "keys/values pooling (ToDo) at MaMe's K/V length": lambda ratio: _kv_pool_at_mame_length(ratio),
     "MaMe defaults, refine=1": lambda ratio: mame_attention(ratio=ratio, refine=1),
     "MaMe defaults, distinct anchors": lambda ratio: mame_attention(ratio=ratio, anchor="distinct"),
 }
+
+def _kv_pool_at_mame_length(ratio: float):
+    kv_length = merge_layout((64, 64), MaMeConfig(ratio=ratio).kv_ratio).num_merged
+    return lambda attn, tokens, hw, num_merged: kv_pool_attention(attn, tokens, hw, kv_length)
+
 
 TIMED = [
     "tomesd",
