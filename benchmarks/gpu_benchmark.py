@@ -184,21 +184,8 @@ def unet_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Metho
         named(mame(), MAME_DEFAULTS),
         named(mame(query_share=1.0), "MaMe query_share=1"),
     ]
-    notes = []
-    for ratio in (0.5, 0.75):
-        # tomesd's defaults merge nothing on SDXL (no attention at full resolution): give it
-        # the level that has attention, so that the comparison means something.
-        peer = tomesd_method(ratio, max_downsample=2) if sdxl else tomesd_method(ratio)
-        if peer is not None:
-            methods.append(named(peer, f"tomesd {ratio}"))
-    if len(methods) == 3:
-        notes.append("tomesd is not importable here: its columns are missing from the UNet tables")
-    elif sdxl:
-        notes.append("tomesd on SDXL runs with max_downsample=2 (its default merges nothing there)")
-    for settings in variants:
-        label = ", ".join(f"{k}={v}" for k, v in settings.items())
-        methods.append(named(mame(**settings), f"MaMe {label}"))
-    return methods, notes
+    peers, notes = tomesd_peers(sdxl)
+    return methods + peers + variant_methods(variants), notes
 
 
 MAME_EVERY_CALL = "MaMe merging every call"
@@ -212,16 +199,34 @@ def graph_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Meth
     methods = [named(baseline(), STOCK), named(mame(), MAME_DEFAULTS)]
     methods.append(named(mame(min_latent_tokens=0), MAME_EVERY_CALL))
     methods.append(named(mame(min_latent_tokens=0, query_share=1.0), f"{MAME_EVERY_CALL}, query_share=1"))
-    notes = []
-    for ratio in (0.5, 0.75):
-        peer = tomesd_method(ratio, use_rand=False, **({"max_downsample": 2} if sdxl else {}))
-        if peer is not None:
-            methods.append(named(peer, f"tomesd {ratio}"))
+    peers, notes = tomesd_peers(sdxl, use_rand=False)
     notes.append("CUDA graphs: tomesd runs with use_rand=False (a graph cannot record its own generator's draws)")
+    return methods + peers + variant_methods(variants), notes
+
+
+def tomesd_peers(sdxl: bool, **settings: Any) -> tuple[list[Method], list[str]]:
+    """tomesd at ratios 0.5 and 0.75 (with ``settings``), and notes on what is missing."""
+    peers = []
+    for ratio in (0.5, 0.75):
+        # tomesd's defaults merge nothing on SDXL (no attention at full resolution): give it
+        # the level that has attention, so that the comparison means something.
+        peer = tomesd_method(ratio, **({"max_downsample": 2} if sdxl else {}), **settings)
+        if peer is not None:
+            peers.append(named(peer, f"tomesd {ratio}"))
+    if not peers:
+        return peers, ["tomesd is not importable here: its columns are missing from the UNet tables"]
+    if sdxl:
+        return peers, ["tomesd on SDXL runs with max_downsample=2 (its default merges nothing there)"]
+    return peers, []
+
+
+def variant_methods(variants: list[dict[str, Any]]) -> list[Method]:
+    """The command line's ``--mame-variant`` settings, one MaMe method each."""
+    methods = []
     for settings in variants:
         label = ", ".join(f"{k}={v}" for k, v in settings.items())
         methods.append(named(mame(**settings), f"MaMe {label}"))
-    return methods, notes
+    return methods
 
 
 class GraphedUNet(torch.nn.Module):
