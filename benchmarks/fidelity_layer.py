@@ -18,18 +18,16 @@ Times: batch 2, interleaved rounds (every method once per round), median and spr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 from tqdm import tqdm
 
-from mame_diffusers import MaMeConfig, merge_layout
+from mame_diffusers import merge_layout
 from mame_diffusers.benchmarking.layer import (
     LayerBench,
     full_attention,
-    kv_pool_attention,
+    kv_pool_at_mame_length,
     mame_attention,
     tomesd_attention,
 )
@@ -67,15 +65,10 @@ METHODS = {
     # The default keys/values-only path, for reference (it never restores), and its
     # like-for-like peer: keys/values average-pooled to the same length (ToDo-style).
     "MaMe defaults (keys/values only)": lambda ratio: mame_attention(ratio=ratio),
-    "keys/values pooling (ToDo) at MaMe's K/V length": lambda ratio: _kv_pool_at_mame_length(ratio),
+    "keys/values pooling (ToDo) at MaMe's K/V length": kv_pool_at_mame_length,
     "MaMe defaults, refine=1": lambda ratio: mame_attention(ratio=ratio, refine=1),
     "MaMe defaults, distinct anchors": lambda ratio: mame_attention(ratio=ratio, anchor="distinct"),
 }
-
-def _kv_pool_at_mame_length(ratio: float):
-    kv_length = merge_layout((64, 64), MaMeConfig(ratio=ratio).kv_ratio).num_merged
-    return lambda attn, tokens, hw, num_merged: kv_pool_attention(attn, tokens, hw, kv_length)
-
 
 TIMED = [
     "tomesd",
@@ -86,19 +79,6 @@ TIMED = [
     "MaMe defaults (keys/values only)",
     "MaMe defaults, refine=1",
 ]
-
-
-def interleaved_ms(bench: LayerBench, methods: dict, num_merged: int, rounds: int) -> dict[str, list[float]]:
-    """Milliseconds per call on the timing batch, every method once per round, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for name, method in methods.items():  # warm-up
-        method(bench.attn, bench.timing_batch, bench.hw, num_merged)
-    for _ in range(rounds):
-        for name, method in methods.items():
-            started = time.perf_counter()
-            method(bench.attn, bench.timing_batch, bench.hw, num_merged)
-            times[name].append(1e3 * (time.perf_counter() - started))
-    return times
 
 
 def main() -> None:
@@ -140,14 +120,15 @@ def main() -> None:
             num_merged = merge_layout(bench.hw, 0.75).num_merged
             timed = {"full attention (SDPA)": full_attention}
             timed.update({name: METHODS[name](0.75) for name in TIMED})
-            for name, values in interleaved_ms(bench, timed, num_merged, args.time_rounds).items():
+            calls = {name: (method, num_merged) for name, method in timed.items()}
+            for name, ms in bench.interleaved_milliseconds(calls, rounds=args.time_rounds).items():
                 timing.append(
                     {
                         "method": name,
-                        "ms median": statistics.median(values),
-                        "ms min": min(values),
-                        "ms max": max(values),
-                        "rounds": len(values),
+                        "ms median": ms["ms"],
+                        "ms min": ms["min ms"],
+                        "ms max": ms["max ms"],
+                        "rounds": args.time_rounds,
                     }
                 )
 

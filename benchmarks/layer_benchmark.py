@@ -17,27 +17,18 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from mame_diffusers import MaMeConfig, merge_layout
+from mame_diffusers import merge_layout
 from mame_diffusers.benchmarking.layer import (
     LayerBench,
     full_attention,
+    kv_pool_at_mame_length,
     kv_pool_attention,
     mame_attention,
+    mame_kv_length,
     pool_attention,
     tomesd_attention,
 )
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-
-
-def _mame_kv_length(ratio: float) -> int:
-    """How many keys/values MaMe's default (keys/values-only) merge leaves at ``ratio``."""
-    return merge_layout((64, 64), MaMeConfig(ratio=ratio).kv_ratio).num_merged
-
-
-def _kv_pool_at_mame_length(ratio: float):
-    kv_length = _mame_kv_length(ratio)
-    return lambda attn, tokens, hw, num_merged: kv_pool_attention(attn, tokens, hw, kv_length)
-
 
 # name -> (builder of the layer method at a ratio, keys/values it attends to given the ratio
 # and the merged length M). Peers take M from the caller. Rows at one ratio cost the same
@@ -46,8 +37,8 @@ METHODS = {
     "tomesd": (lambda ratio: tomesd_attention(), lambda ratio, m: m),
     "pool/unpool": (lambda ratio: pool_attention, lambda ratio, m: m),
     "keys/values pooling (ToDo), M keys": (lambda ratio: kv_pool_attention, lambda ratio, m: m),
-    "keys/values pooling (ToDo), MaMe's K/V length": (_kv_pool_at_mame_length, lambda ratio, m: _mame_kv_length(ratio)),
-    "MaMe (defaults)": (lambda ratio: mame_attention(ratio=ratio), lambda ratio, m: _mame_kv_length(ratio)),
+    "keys/values pooling (ToDo), MaMe's K/V length": (kv_pool_at_mame_length, lambda ratio, m: mame_kv_length(ratio)),
+    "MaMe (defaults)": (lambda ratio: mame_attention(ratio=ratio), lambda ratio, m: mame_kv_length(ratio)),
     "MaMe symmetric (query_share=1)": (lambda ratio: mame_attention(ratio=ratio, query_share=1.0), lambda ratio, m: m),
     "MaMe symmetric, global (block=None)": (
         lambda ratio: mame_attention(ratio=ratio, query_share=1.0, block=None, halo=0),

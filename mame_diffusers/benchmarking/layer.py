@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ..diffusers_integration import MaMeConfig, MaMeProcessor
+from ..merging import merge_layout
 from .photos import PHOTOS, photo_tokens
 from .timing import median_seconds
 
@@ -97,6 +98,21 @@ def kv_pool_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int]
     grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
     pooled = F.adaptive_avg_pool2d(grid, _pooled_grid(hw, num_merged)).flatten(2).transpose(1, 2)
     return attn(tokens, encoder_hidden_states=pooled)
+
+
+def mame_kv_length(ratio: float, hw: tuple[int, int] = (64, 64)) -> int:
+    """How many keys/values MaMe's default (keys/values-only) merge leaves at ``ratio``."""
+    return merge_layout(hw, MaMeConfig(ratio=ratio).kv_ratio).num_merged
+
+
+def kv_pool_at_mame_length(ratio: float) -> LayerMethod:
+    """ToDo-style keys/values pooling to the length MaMe's default merges them to at
+    ``ratio``: the default's like-for-like peer (every query kept by both)."""
+
+    def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
+        return kv_pool_attention(attn, tokens, hw, mame_kv_length(ratio, hw))
+
+    return run
 
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
