@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,6 +53,7 @@ from .merging import (
     cuda_graph_recording,
     is_number,
 )
+from .per_thread import PerThread
 
 __all__ = [
     "DEFAULT_MAX_DOWNSAMPLE",
@@ -254,14 +254,11 @@ class _GridTracker:
 
     #: One record per patched ``Transformer2DModel``.
     transformers: list = field(default_factory=list)
-    _local: threading.local = field(default_factory=threading.local, repr=False)
-    _latest: _ForwardState = field(default_factory=_ForwardState, repr=False)
+    _forward: PerThread = field(default_factory=lambda: PerThread(_ForwardState()), repr=False)
 
     @property
     def current(self) -> _ForwardState:
-        if torch.compiler.is_compiling():  # traced into the graph: no per-thread state to keep
-            return self._latest
-        return getattr(self._local, "state", None) or self._latest
+        return self._forward.get()
 
     @property
     def merging(self) -> bool:
@@ -273,10 +270,8 @@ class _GridTracker:
 
     def on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
-        state = _ForwardState(latent_hw=tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None)
-        if not torch.compiler.is_compiling():
-            self._local.state = state
-        self._latest = state
+        latent_hw = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else None
+        self._forward.set(_ForwardState(latent_hw=latent_hw))
 
     def new_transformer(self) -> _TransformerGrid:
         """A record for one more ``Transformer2DModel`` (its pre-hook: ``on_forward``)."""
@@ -295,14 +290,13 @@ class _GridTracker:
         top = self.current.top_downsample or self.downsample(hw)
         return self.downsample(hw) <= top * max_downsample
 
-    # A thread-local cannot be copied or pickled: copies start with no forward recorded.
+    # Copies start with no forward recorded (the latest one's plans hold its tensors).
     def __getstate__(self) -> dict:
         return {"transformers": self.transformers}
 
     def __setstate__(self, state: dict) -> None:
         self.transformers = state["transformers"]
-        self._local = threading.local()
-        self._latest = _ForwardState()
+        self._forward = PerThread(_ForwardState())
 
 
 @dataclass

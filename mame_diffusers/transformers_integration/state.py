@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import threading
 from typing import Any, Callable
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..merging import proportional_attention_bias
+from ..per_thread import PerThread
 from .config import VisionMaMeConfig
 from .merge import MergeRecord, TokenMerger
 from .models import _Family
@@ -22,18 +22,9 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(value), int(value)
 
 
-class _LatestForward:
-    """The latest forward's per-forward values, as attributes (dynamo traces setting a plain
-    object's attribute, but breaks the graph on a dict mutated while tracing)."""
-
-
 class _PerForward:
-    """An attribute of :class:`_MergeState` that each thread keeps for its own forward.
-
-    Threads sharing one patched model must not see each other's grids and sizes. A thread
-    that ran no forward (autograd's device threads, recomputing checkpointed layers during
-    the backward pass) reads the latest forward's value; so does a graph being traced.
-    """
+    """An attribute of :class:`_MergeState` that each thread keeps for its own forward
+    (a :class:`~mame_diffusers.per_thread.PerThread` per attribute)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -41,22 +32,16 @@ class _PerForward:
     def __get__(self, state: _MergeState | None, owner: type | None = None) -> Any:
         if state is None:
             return self
-        if not torch.compiler.is_compiling():
-            mine = state._thread.__dict__
-            if self.name in mine:
-                return mine[self.name]
-        return getattr(state._latest, self.name)
+        return state._per_thread[self.name].get()
 
     def __set__(self, state: _MergeState, value: Any) -> None:
-        if not torch.compiler.is_compiling():
-            setattr(state._thread, self.name, value)
-        setattr(state._latest, self.name, value)
+        state._per_thread[self.name].set(value)
 
 
 class _MergeState:
     """What one patched model knows during a forward pass: the token grid, the sizes of the
     merged tokens, the attention bias for each merged length. Reset by every forward, and
-    kept per thread (see :class:`_PerForward`)."""
+    kept per thread (the :class:`_PerForward` attributes)."""
 
     grid = _PerForward()
     sizes = _PerForward()
@@ -78,8 +63,8 @@ class _MergeState:
         self.schedule = schedule
         self.family = family
         self.merger = merger
-        self._thread = threading.local()
-        self._latest = _LatestForward()
+        per_forward = [name for name, value in vars(_MergeState).items() if isinstance(value, _PerForward)]
+        self._per_thread = {name: PerThread() for name in per_forward}
         self.patch_size = _pair(tower.config.patch_size)
         self.tubelet_size = int(getattr(tower.config, "tubelet_size", 1))
         self.signature = inspect.signature(tower.forward)
@@ -103,14 +88,6 @@ class _MergeState:
     @property
     def merged(self) -> bool:
         return self.sizes is not None
-
-    # A thread-local cannot be copied or pickled: a copy keeps the latest forward's values.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_thread"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._thread = threading.local()
 
     # -- hooks ---------------------------------------------------------------------------------
 
