@@ -5,8 +5,6 @@ Kept out of the CLI module so that the notebook and scripts call the same functi
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +15,6 @@ from .. import DEFAULT_TAU
 from ..defaults import DEFAULT_MAX_DOWNSAMPLE
 from ..offline import offline_pipeline_components
 from .report import environment, markdown_table, write_report
-from .timing import synchronize
 from .unet import Method, baseline, call_like_a_pipeline, compare_unet, mame, tomesd_method
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
@@ -132,47 +129,29 @@ def time_pipeline(
     (``output_type="latent"``): the VAE is the same for every method and would only add
     the same seconds to each.
     """
-    seconds: dict[str, list[float]] = {method.name: [] for method in methods}
-    images = {}
-    bar = tqdm(total=rounds * len(methods), desc="pipeline calls")
-    for _ in range(rounds):
-        for method in methods:
-            method.patch(pipe.unet)
-            try:
-                generator = torch.Generator().manual_seed(seed)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    image = pipe(
-                        PROMPT,
-                        height=resolution,
-                        width=resolution,
-                        num_inference_steps=steps,
-                        generator=generator,
-                        output_type="latent",
-                    ).images
-                synchronize(pipe.device)
-                seconds[method.name].append(time.perf_counter() - start)
-            finally:
-                method.unpatch(pipe.unet)
-            images.setdefault(method.name, image.float().cpu())
-            bar.update()
-    bar.close()
-    reference = images[methods[0].name]
-    baseline_seconds = statistics.median(seconds[methods[0].name])
-    rows = []
-    for method in methods:
-        median = statistics.median(seconds[method.name])
-        difference = images[method.name] - reference
-        rows.append(
-            {
-                "method": method.name,
-                "pipeline_seconds": median,
-                "pipeline_all_seconds": seconds[method.name],
-                "pipeline_speedup": baseline_seconds / median,
-                "latent_error": float(difference.norm() / reference.norm()),
-            }
-        )
-    return rows
+
+    def call(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(
+            PROMPT,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            generator=generator,
+            output_type="latent",
+        ).images
+
+    rows = compare_unet(pipe.unet, {}, methods, repeats=rounds, warmup=0, call=call, desc="pipeline calls")
+    return [
+        {
+            "method": row["method"],
+            "pipeline_seconds": row["seconds"],
+            "pipeline_all_seconds": row["all_seconds"],
+            "pipeline_speedup": row["speedup"],
+            "latent_error": row["error"],
+        }
+        for row in rows
+    ]
 
 
 def benchmark(

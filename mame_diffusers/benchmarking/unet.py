@@ -100,8 +100,9 @@ def compare_unet(
     warmup: int = 1,
     call: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None,
     progress: bool = True,
+    desc: str = "UNet benchmark",
 ) -> list[dict[str, Any]]:
-    """Time and compare ``methods`` on ``unet(**inputs)``.
+    """Time and compare ``methods`` on ``unet(**inputs)`` (or on ``call(unet, inputs)``).
 
     Returns one row per method: median seconds, speed-up over the first method, and the
     relative error of its output against the first method's (the reference).
@@ -111,7 +112,7 @@ def compare_unet(
     outputs: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     steps = len(methods) * (warmup + repeats)
-    bar = tqdm(total=steps, desc="UNet benchmark", disable=not progress)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     with torch.inference_mode():
         for round_index in range(warmup + repeats):
             for method in methods:
