@@ -18,7 +18,6 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from ..diffusers_integration import MaMeConfig, MaMeProcessor
 from ..merging import merge_layout
 from .photos import PHOTOS, photo_tokens
-from .timing import median_seconds
 
 LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
 
@@ -198,8 +197,3 @@ class LayerBench:
             name: {"ms": statistics.median(values), "min ms": min(values), "max ms": max(values)}
             for name, values in times.items()
         }
-
-    def milliseconds(self, method: LayerMethod, num_merged: int, repeats: int) -> float:
-        """Median time of one call on the timing batch."""
-        seconds = median_seconds(lambda: method(self.attn, self.timing_batch, self.hw, num_merged), repeats=repeats)
-        return 1e3 * seconds
