@@ -501,7 +501,7 @@ class MergePlan:
     #: ``(B, M)``: how many tokens each merged slot stands for; 0 for an empty slot.
     sizes: torch.Tensor
     #: How :meth:`restore` spreads merged values back (one of :data:`RESTORES`).
-    restore_mode: str = "copy"
+    restore_mode: str = DEFAULT_RESTORE
     # The planned tokens in block layout, so that merging them again skips one reshuffle.
     _source: torch.Tensor | None = field(default=None, repr=False)
     _source_blocks: torch.Tensor | None = field(default=None, repr=False)
