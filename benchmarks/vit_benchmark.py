@@ -260,10 +260,12 @@ def methods_for(subject: Subject, sweep: bool) -> list[Method]:
             Method("baseline"),
             Method("MaMe default (per-frame grid)", replace(default, video_grid="per_frame")),
             Method("MaMe space-time grid, ratio=0.13", replace(default, video_grid="spacetime", ratio=0.13)),
+            Method("MaMe ranked (per-frame grid)", replace(default, video_grid="per_frame", anchor="ranked")),
         ]
     methods = [
         Method("baseline"),
         Method("MaMe default", default),
+        Method("MaMe ranked", replace(default, anchor="ranked")),
         Method("ToMe-style bipartite, same counts", default, tome_token_merge),
     ]
     if sweep:

@@ -144,6 +144,23 @@ def check_merge_settings(
         raise ValueError(f"refine must be a non-negative int (anchor refinement steps), got {refine!r}")
     if restore not in RESTORES:
         raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
+    if anchor == "ranked":
+        # Ranked slots are chosen among all tokens at once, and exactly the most redundant
+        # tokens merge: there is no window, no threshold, no soft mode and no anchor to move.
+        unused = {
+            "block": block is not None,
+            "tau": tau != DEFAULT_TAU,
+            "temperature": temperature is not None,
+            "refine": refine != 0,
+        }
+        named = [name for name, used in unused.items() if used]
+        if named:
+            raise ValueError(
+                f"anchor='ranked' merges globally the most redundant tokens and takes no "
+                f"{', '.join(named)}: use block=None, tau={DEFAULT_TAU}, temperature=None and refine=0 "
+                f"with it, or another anchor (e.g. anchor='strided') for windows, thresholds, "
+                f"soft assignment or refinement"
+            )
     return tau
 
 
@@ -615,7 +632,13 @@ def plan_merge(
             ``"random"`` a random token (drawn anew each call), ``"pooled"`` the mean of its
             tokens, ``"distinct"`` its token least like the cell's mean (content-following:
             in a cell across an edge the odd token becomes the anchor and the typical ones
-            join a neighbour; 16 more operations than ``"strided"``).
+            join a neighbour; 16 more operations than ``"strided"``). ``"ranked"`` (global
+            merging only, ``block=None``): no cells; ToMe's bipartite matching by
+            comparisons. Every other token is a destination, and the sources most similar to
+            a destination join it, the others stay (rounds of at most half the tokens).
+            The slots are then the tokens that stay, in token order (not a grid), and
+            exactly the most redundant tokens merge: no ``tau``, ``temperature`` or
+            ``refine``.
         temperature: ``None`` for hard assignment; a positive number for the soft,
             differentiable assignment ``softmax(similarity / temperature)`` over the
             anchors that pass ``tau``.
@@ -679,6 +702,10 @@ def plan_on_layout(
     restore: str = DEFAULT_RESTORE,
 ) -> MergePlan:
     """:func:`plan_merge` on a ready layout, with settings already checked: the hot path."""
+    if anchor == "ranked":
+        if layout.num_merged < layout.num_tokens:
+            return _ranked_plan(x, layout, sizes, restore)
+        anchor = "strided"  # nothing merges: the identity plan
     dtype, device = x.dtype, x.device
     # Similarities are compared in at least float32: the own anchor's tie-break is finer
     # than half precision.
@@ -737,6 +764,77 @@ def plan_on_layout(
         _source_blocks=token_blocks,
         _clamped_sizes=clamped[..., 0],
     )
+
+
+def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None, restore: str) -> MergePlan:
+    """``anchor="ranked"``: bipartite matching (ToMe's rule) by comparisons, on a global layout.
+
+    Rounds of: every other token (the odd positions) is a destination; each other token
+    (a source) finds its most similar destination; the ``remove`` sources whose best
+    similarity is highest join it, the rest stay. A round removes at most half the tokens, so
+    ratios above 0.5 take several; each round compares the size-weighted means the previous
+    one made. Slots keep the order of the tokens they hold.
+    """
+    dtype = x.dtype
+    work_dtype = torch.promote_types(dtype, torch.float32)  # slot positions are counted exactly
+    token_weights = None if sizes is None else sizes.to(work_dtype)
+    tokens, weights, slot = x.to(work_dtype), token_weights, None
+    while tokens.shape[1] > layout.num_merged:
+        count = tokens.shape[1]
+        remaining = max(layout.num_merged, count - count // 2)
+        round_slot = _bipartite_round(tokens, count - remaining)
+        # Composed with the earlier rounds by a product with one-hot rows, not an index.
+        slot = round_slot if slot is None else (_one_hot(slot, count) @ round_slot[..., None])[..., 0]
+        # The next round compares the size-weighted means of this round's slots.
+        members = _one_hot(round_slot, remaining).transpose(-1, -2)
+        sums = members @ (tokens if weights is None else tokens * weights[..., None])
+        weights = members.sum(dim=-1) if weights is None else (members @ weights[..., None])[..., 0]
+        tokens = sums / weights.clamp_min(torch.finfo(work_dtype).tiny)[..., None]
+    assignment = _one_hot(slot, layout.num_merged).bool()[:, None]
+    block_weights = None if token_weights is None else token_weights[:, None].to(dtype)
+    merge_weights, slot_sizes, clamped = _slot_weights(assignment, block_weights, layout, work_dtype)
+    return MergePlan(
+        layout=layout,
+        assignment=assignment,
+        merge_weights=merge_weights.to(dtype),
+        sizes=slot_sizes[..., 0],
+        restore_mode=restore,
+        _source=x,
+        _source_blocks=layout.to_blocks(x),
+        _clamped_sizes=clamped[..., 0],
+    )
+
+
+def _bipartite_round(tokens: torch.Tensor, remove: int) -> torch.Tensor:
+    """``(B, n)``: the slot (``0..n - remove - 1``, as floats) each of the ``n`` tokens goes to."""
+    count = tokens.shape[1]
+    unit = F.normalize(tokens, dim=-1)
+    sources, destinations = unit[:, 0::2], unit[:, 1::2]
+    best, best_destination = (sources @ destinations.transpose(-1, -2)).max(dim=-1)
+    # A source's rank: how many sources are more similar to their destination (ties: the
+    # earlier source first). The ``remove`` best-matched merge. Comparisons, not a sort.
+    earlier = _earlier(sources.shape[1], tokens.device)
+    ahead = (best[:, None, :] > best[:, :, None]) | ((best[:, None, :] == best[:, :, None]) & earlier)
+    merges = ahead.sum(dim=-1) < remove
+    stays = torch.stack([~merges, torch.ones_like(merges)], dim=-1).flatten(1)[:, :count]
+    position = stays.to(tokens.dtype).cumsum(dim=-1) - 1  # slots keep their tokens' order
+    destination_slot = position[:, 1::2]
+    joined_slot = (_one_hot(best_destination, destinations.shape[1], tokens.dtype) @ destination_slot[..., None])[..., 0]
+    source_slot = torch.where(merges, joined_slot, position[:, 0::2])
+    # Interleave back into token order (a source more than destinations when n is odd).
+    padding = source_slot.shape[1] - destination_slot.shape[1]
+    return torch.stack([source_slot, F.pad(destination_slot, (0, padding))], dim=-1).flatten(1)[:, :count]
+
+
+def _one_hot(index: torch.Tensor, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(..., width)`` rows with a 1 at ``index`` (whole numbers, any dtype), by comparison."""
+    dtype = dtype or index.dtype
+    return (index[..., None] == torch.arange(width, device=index.device, dtype=index.dtype)).to(dtype)
+
+
+def _earlier(count: int, device: torch.device) -> torch.Tensor:
+    """``(count, count)``: whether column ``j`` comes before row ``i``."""
+    return torch.ones(count, count, dtype=torch.bool, device=device).tril(-1)
 
 
 def _similarity(token_blocks: torch.Tensor, anchors: torch.Tensor, layout: MergeLayout) -> torch.Tensor:

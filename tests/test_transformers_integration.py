@@ -160,7 +160,8 @@ def test_apply_mame_uses_the_vision_defaults():
     apply_mame(model)
     assert patched_vision_config(model) == VisionMaMeConfig()
     assert VisionMaMeConfig().block is None and VisionMaMeConfig().ratio == 0.1
-    apply_mame(model, block=4, ratio=[0.2, 0.1], layers=[2, 0])
+    assert VisionMaMeConfig().anchor == "ranked"
+    apply_mame(model, block=4, anchor="strided", ratio=[0.2, 0.1], layers=[2, 0])
     assert patched_vision_config(model).schedule(4) == {0: 0.1, 2: 0.2}
 
 
@@ -332,12 +333,15 @@ def test_siglip2_padding_at_the_end_is_dropped_by_the_first_merge():
     ratios=st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.8]), min_size=1, max_size=4),
     block=st.sampled_from([None, 2, 4, 8]),
     tau=st.sampled_from([-1.0, 0.0, 0.5, 1.0]),
+    anchor=st.sampled_from(["ranked", "strided"]),
     data=st.data(),
 )
-def test_any_schedule_keeps_sizes_consistent(ratios, block, tau, data):
+def test_any_schedule_keeps_sizes_consistent(ratios, block, tau, anchor, data):
     layers = sorted(data.draw(st.permutations(range(4)))[: len(ratios)])
     model, batch = build("deit_classifier"), inputs("deit_classifier")
-    apply_mame(model, ratio=ratios, layers=layers, block=block, tau=tau)
+    if anchor == "ranked":  # global, no threshold
+        block, tau = None, 0.0
+    apply_mame(model, ratio=ratios, layers=layers, block=block, tau=tau, anchor=anchor)
     output = run(model, "deit_classifier", batch, output_hidden_states=True)
     assert output.shape == (2, 3) and torch.isfinite(output).all()
     # Exactly the layers whose ratio removes at least a row or column of the grid merge.
@@ -413,7 +417,7 @@ def test_gradients_reach_the_input_and_every_weight():
 
 def test_soft_assignment_is_differentiable():
     model = build("vit_classifier")
-    apply_mame(model, ratio=0.3, temperature=0.1)
+    apply_mame(model, ratio=0.3, anchor="strided", temperature=0.1)
     pixels = inputs("vit_classifier")["pixel_values"].requires_grad_(True)
     model(pixel_values=pixels).logits.sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
@@ -463,6 +467,8 @@ def test_unsupported_models_are_named():
         (dict(layers="01"), "sequence"),
         (dict(tau=2.0), "tau"),
         (dict(block=0), "block"),
+        (dict(block=4), "ranked.*takes no block.*anchor='strided'"),
+        (dict(tau=0.5, refine=1), "ranked.*takes no tau, refine"),
         (dict(video_grid="frames"), "video_grid"),
         (dict(proportional_attention=1), "proportional_attention"),
     ],
