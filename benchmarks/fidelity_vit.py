@@ -94,11 +94,11 @@ def main() -> None:
     pixels = (photo_crops(args.crops) - 0.5) / 0.5
     default = VisionMaMeConfig()
     methods = {
-        "MaMe default": VisionMaMeConfig(),
-        "MaMe default, refine=1": VisionMaMeConfig(refine=1),
-        "MaMe default, refine=2": VisionMaMeConfig(refine=2),
-        "MaMe default, distinct anchors": VisionMaMeConfig(anchor="distinct"),
-        "MaMe default, distinct anchors, refine=1": VisionMaMeConfig(anchor="distinct", refine=1),
+        "MaMe default (ranked)": VisionMaMeConfig(),
+        "MaMe strided (the default before)": VisionMaMeConfig(anchor="strided"),
+        "MaMe strided, refine=1": VisionMaMeConfig(anchor="strided", refine=1),
+        "MaMe distinct anchors": VisionMaMeConfig(anchor="distinct"),
+        "MaMe distinct anchors, refine=1": VisionMaMeConfig(anchor="distinct", refine=1),
         "ToMe-style bipartite, same counts": None,
     }
     rows, settings = [], []

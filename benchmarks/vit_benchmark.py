@@ -30,6 +30,7 @@ settings, they do not predict top-1 accuracy.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from mame_diffusers import VisionMaMeConfig, merge_layout, visualize_merges
 from mame_diffusers.benchmarking.photos import PHOTOS, load_photo, photo_tokens
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
-from mame_diffusers.benchmarking.timing import median_seconds
+from mame_diffusers.benchmarking.timing import interleaved_seconds, median_seconds
 from mame_diffusers.transformers_integration import (
     TokenMerge,
     apply_mame_to_vision_model,
@@ -260,26 +261,26 @@ def methods_for(subject: Subject, sweep: bool) -> list[Method]:
             Method("baseline"),
             Method("MaMe default (per-frame grid)", replace(default, video_grid="per_frame")),
             Method("MaMe space-time grid, ratio=0.13", replace(default, video_grid="spacetime", ratio=0.13)),
-            Method("MaMe ranked (per-frame grid)", replace(default, video_grid="per_frame", anchor="ranked")),
+            Method("MaMe strided slots (per-frame grid)", replace(default, video_grid="per_frame", anchor="strided")),
         ]
     methods = [
         Method("baseline"),
         Method("MaMe default", default),
-        Method("MaMe ranked", replace(default, anchor="ranked")),
+        Method("MaMe strided slots (the default before)", replace(default, anchor="strided")),
         Method("ToMe-style bipartite, same counts", default, tome_token_merge),
     ]
     if sweep:
         variants = {
-            "windowed (block=8)": dict(block=8),
+            "windowed (block=8)": dict(block=8, anchor="strided"),
             "all channels compared": dict(similarity_channels=None),
-            "windowed, all channels": dict(block=8, similarity_channels=None),
+            "windowed, all channels": dict(block=8, similarity_channels=None, anchor="strided"),
             "ratio=0.08": dict(ratio=0.08),
             "ratio=0.12": dict(ratio=0.12),
             "ratio=0.15": dict(ratio=0.15),
             "from layer 1 (not the embeddings)": dict(layers=tuple(range(1, round(subject.layers * 2 / 3) + 1))),
             "no proportional attention": dict(proportional_attention=False),
             "pooled anchors": dict(anchor="pooled"),
-            "tau=0.5": dict(tau=0.5),
+            "strided, tau=0.5": dict(tau=0.5, anchor="strided"),
         }
         methods += [Method(f"MaMe {name}", replace(default, **change)) for name, change in variants.items()]
     return methods
@@ -401,23 +402,40 @@ def measure(subject: Subject, methods: list[Method], args, device, dtype) -> lis
 def merge_step_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict]:
     """Time one merge step alone (no model around it): ViT-B's first merge, B=32, 196 patch
     tokens of 768 channels on 14 x 14, the default ratio, MaMe vs the ToMe-style peer at the
-    same count. End-to-end throughput hides this step (a few % of a forward); here it is
-    the whole measurement."""
+    same count, the methods taking turns for ``repeats`` rounds. End-to-end throughput hides
+    this step (a few % of a forward); here it is the whole measurement."""
     config = VisionMaMeConfig()
     ratio = config.ratio if isinstance(config.ratio, float) else config.ratio[0]
     torch.manual_seed(0)
     photos = torch.cat([photo_tokens(name, (14, 14), channels=768, patch=16) for name in PHOTOS])
     patches = repeat_to(photos, 32).to(device, dtype)
+    methods = {
+        "MaMe default (ranked)": (mame_token_merge, config),
+        "MaMe strided slots": (mame_token_merge, replace(config, anchor="strided")),
+        "ToMe-style bipartite": (tome_token_merge, config),
+    }
+    calls = {
+        name: functools.partial(merger, patches, (14, 14), None, ratio, settings)
+        for name, (merger, settings) in methods.items()
+    }
+    times = interleaved_seconds(calls, rounds=repeats, warmup=3, device=device)
+    tome_ms = 1e3 * statistics.median(times["ToMe-style bipartite"])
     rows = []
-    for name, merger in (("MaMe", mame_token_merge), ("ToMe-style bipartite", tome_token_merge)):
+    for name, seconds in times.items():
         with torch.inference_mode():
-            merged = merger(patches, (14, 14), None, ratio, config)
-            seconds = median_seconds(
-                lambda: merger(patches, (14, 14), None, ratio, config), repeats=repeats, device=device
-            )
-        rows.append({"method": name, "tokens": f"196->{merged.tokens.shape[1]}", "batch": 32, "ms": 1e3 * seconds})
-    for row in rows:
-        row["time vs ToMe-style"] = row["ms"] / rows[-1]["ms"]
+            tokens = calls[name]().tokens.shape[1]
+        ms = [1e3 * value for value in seconds]
+        rows.append(
+            {
+                "method": name,
+                "tokens": f"196->{tokens}",
+                "batch": 32,
+                "ms": statistics.median(ms),
+                "ms min": min(ms),
+                "ms max": max(ms),
+                "time vs ToMe-style": statistics.median(ms) / tome_ms,
+            }
+        )
     return rows
 
 
@@ -440,8 +458,9 @@ def main() -> None:
     if args.merge_step:
         device, dtype = torch.device(args.device), getattr(torch, args.dtype)
         rows = merge_step_rows(device, dtype, args.repeats or 50)
-        columns = ["method", "tokens", "batch", "ms", "time vs ToMe-style"]
-        table = markdown_table(rows, columns, {"ms": ".2f", "time vs ToMe-style": ".2f"})
+        columns = ["method", "tokens", "batch", "ms", "ms min", "ms max", "time vs ToMe-style"]
+        formats = {"ms": ".2f", "ms min": ".2f", "ms max": ".2f", "time vs ToMe-style": ".2f"}
+        table = markdown_table(rows, columns, formats)
         print(table)
         payload = {"environment": environment(device, dtype), "rows": rows}
         paths = write_report(args.out or "benchmarks/results/vit_merge_step", payload, table)

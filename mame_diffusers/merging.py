@@ -785,6 +785,8 @@ def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | Non
         round_slot = _bipartite_round(tokens, count - remaining)
         # Composed with the earlier rounds by a product with one-hot rows, not an index.
         slot = round_slot if slot is None else (_one_hot(slot, count) @ round_slot[..., None])[..., 0]
+        if remaining == layout.num_merged:
+            break
         # The next round compares the size-weighted means of this round's slots.
         members = _one_hot(round_slot, remaining).transpose(-1, -2)
         sums = members @ (tokens if weights is None else tokens * weights[..., None])

@@ -182,6 +182,23 @@ def test_processor_merge_path_has_no_banned_ops():
 # -- shapes, batches, dtypes ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("query_share", [0.0, 1.0])
+def test_ranked_slots_merge_unets_globally(tiny_unet, tiny_sdxl_unet, query_share):
+    for unet in (tiny_unet, tiny_sdxl_unet):
+        inputs = unet_inputs(unet, (20, 12))
+        reference = run(unet, inputs)
+        apply_mame(unet, anchor="ranked", block=None, query_share=query_share, min_latent_tokens=0)
+        try:
+            counts = merged_calls(unet)
+            out = run(unet, inputs)
+        finally:
+            remove_mame(unet)
+        assert counts, "nothing merged"
+        assert out.shape == reference.shape and 0 < (out - reference).norm() / reference.norm() < 0.5
+    with pytest.raises(ValueError, match="ranked.*block"):
+        apply_mame(tiny_unet, anchor="ranked")  # the UNet default is windowed (block=8)
+
+
 @pytest.mark.parametrize("latent_hw", [(16, 16), (63, 47), (20, 12)])
 @pytest.mark.parametrize("batch", [1, 3, 4])
 def test_any_latent_size_and_batch(tiny_unet, latent_hw, batch):

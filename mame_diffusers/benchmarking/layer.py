@@ -6,9 +6,9 @@ Every method takes ``(attn, tokens, hw, num_merged)`` and returns the layer outp
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from ..diffusers_integration import MaMeConfig, MaMeProcessor
 from ..merging import merge_layout
 from .photos import PHOTOS, photo_tokens
+from .timing import interleaved_seconds
 
 LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
 
@@ -185,15 +186,15 @@ class LayerBench:
         """Time every ``name -> (method, merged length)`` on the timing batch, the methods
         taking turns call by call for ``rounds`` rounds (a machine whose speed drifts then
         slows them all alike); per name the median, min and max ms."""
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        with torch.inference_mode():
-            for round_index in range(warmup + rounds):
-                for name, (method, num_merged) in calls.items():
-                    start = time.perf_counter()
-                    method(self.attn, self.timing_batch, self.hw, num_merged)
-                    if round_index >= warmup:
-                        times[name].append(1e3 * (time.perf_counter() - start))
+        times = interleaved_seconds(
+            {
+                name: functools.partial(method, self.attn, self.timing_batch, self.hw, num_merged)
+                for name, (method, num_merged) in calls.items()
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
         return {
-            name: {"ms": statistics.median(values), "min ms": min(values), "max ms": max(values)}
+            name: {"ms": 1e3 * statistics.median(values), "min ms": 1e3 * min(values), "max ms": 1e3 * max(values)}
             for name, values in times.items()
         }

@@ -1,4 +1,4 @@
-"""Wall-clock timing: median of repeated runs after warm-up."""
+"""Wall-clock timing: median of repeated runs after warm-up, or methods taking turns."""
 
 from __future__ import annotations
 
@@ -30,3 +30,25 @@ def median_seconds(
             synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_seconds(
+    calls: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, list[float]]:
+    """Wall times of every ``name -> fn``, the calls taking turns round by round (a machine
+    whose speed drifts then slows them all alike): per name, one time per timed round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for round_index in range(warmup + rounds):
+            for name, fn in calls.items():
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
