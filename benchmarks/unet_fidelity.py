@@ -10,6 +10,7 @@ unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
     python benchmarks/unet_fidelity.py --sweep sdxl --resolution 1024 --repeats 2
     python benchmarks/unet_fidelity.py --sweep sd21-restore --resolution 768 --repeats 1
     python benchmarks/unet_fidelity.py --sweep sd21-distinct --resolution 768 --repeats 1
+    python benchmarks/unet_fidelity.py --sweep sd21-ranked --resolution 768 --repeats 1
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ SWEEPS = {
         mame(query_share=1.0, max_downsample=1, anchor="distinct", refine=1, restore="affine"),
         tomesd_method(0.75, max_downsample=2),
         mame(query_share=1.0, anchor="distinct", refine=1, restore="affine"),
+    ],
+    # Ranked slots in blocks (docs/operator.md section 7): which tokens merge, chosen by content.
+    "sd21-ranked": lambda: [
+        tomesd_method(0.75),
+        mame(query_share=1.0, max_downsample=1, anchor="ranked", block=16, halo=0, restore="affine"),
+        tomesd_method(0.75, max_downsample=2),
+        mame(query_share=1.0, anchor="ranked", block=16, halo=0, restore="affine"),
+        mame(query_share=1.0, anchor="ranked", block=8, halo=0, restore="affine"),
+        mame(query_share=1.0, anchor="ranked", block=16, halo=0),
     ],
     # MaMe's deep-stack merge runs whole layers (self- and cross-attention, MLP) on fewer
     # tokens; tomesd's matching knobs are merge_crossattn and merge_mlp.

@@ -148,7 +148,7 @@ def check_merge_settings(
         # Ranked slots are chosen among all tokens at once, and exactly the most redundant
         # tokens merge: there is no window, no threshold, no soft mode and no anchor to move.
         unused = {
-            "block": block is not None,
+            "halo": halo != 0 and block is not None,
             "tau": tau != DEFAULT_TAU,
             "temperature": temperature is not None,
             "refine": refine != 0,
@@ -156,10 +156,10 @@ def check_merge_settings(
         named = [name for name, used in unused.items() if used]
         if named:
             raise ValueError(
-                f"anchor='ranked' merges globally the most redundant tokens and takes no "
-                f"{', '.join(named)}: use block=None, tau={DEFAULT_TAU}, temperature=None and refine=0 "
-                f"with it, or another anchor (e.g. anchor='strided') for windows, thresholds, "
-                f"soft assignment or refinement"
+                f"anchor='ranked' merges the most redundant tokens of each block and takes no "
+                f"{', '.join(named)}: use halo=0 (or block=None), tau={DEFAULT_TAU}, temperature=None "
+                f"and refine=0 with it, or another anchor (e.g. anchor='strided') for halos, "
+                f"thresholds, soft assignment or refinement"
             )
     return tau
 
@@ -329,6 +329,20 @@ class MergeLayout:
             return torch.arange(self.num_candidates, device=device, dtype=dtype)
         if name == "token_index":  # (T, 1): 0..T-1, to turn a best token of each cell into a column
             return torch.arange(self.tokens_per_block, device=device, dtype=dtype)[:, None]
+        if name == "ranked_destination":  # (T,): 1 for the block's fixed destinations (ranked slots)
+            row, col = self._own_cell(device)
+            rows, cols = _fit_anchor_grid(max(1, self.anchors_per_block // 2), self.block_h, self.block_w)
+            # The middle token of each cell of a rows x cols grid over the block.
+            middle_rows = torch.div((2 * torch.arange(rows, device=device) + 1) * self.block_h, 2 * rows, rounding_mode="floor")
+            middle_cols = torch.div((2 * torch.arange(cols, device=device) + 1) * self.block_w, 2 * cols, rounding_mode="floor")
+            token = torch.arange(self.tokens_per_block, device=device)
+            token_row = torch.div(token, self.block_w, rounding_mode="floor")
+            token_col = token - token_row * self.block_w
+            on_row = (token_row[:, None] == middle_rows[None, :]).any(dim=-1)
+            on_col = (token_col[:, None] == middle_cols[None, :]).any(dim=-1)
+            return (on_row & on_col).to(dtype)
+        if name == "earlier":  # (T, T): 1 where token j comes before token i
+            return torch.ones(self.tokens_per_block, self.tokens_per_block, device=device, dtype=dtype).tril(-1)
         raise KeyError(name)
 
     def own_anchor_matrix(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -704,7 +718,9 @@ def plan_on_layout(
     """:func:`plan_merge` on a ready layout, with settings already checked: the hot path."""
     if anchor == "ranked":
         if layout.num_merged < layout.num_tokens:
-            return _ranked_plan(x, layout, sizes, restore)
+            if layout.num_blocks == 1:
+                return _ranked_plan(x, layout, sizes, restore)
+            return _ranked_block_plan(x, layout, sizes, restore)
         anchor = "strided"  # nothing merges: the identity plan
     dtype, device = x.dtype, x.device
     # Similarities are compared in at least float32: the own anchor's tie-break is finer
@@ -803,6 +819,58 @@ def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | Non
         restore_mode=restore,
         _source=x,
         _source_blocks=layout.to_blocks(x),
+        _clamped_sizes=clamped[..., 0],
+    )
+
+
+def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None, restore: str) -> MergePlan:
+    """``anchor="ranked"`` in blocks: each block keeps its ``K`` slots, half of them fixed
+    destinations (the middle tokens of a grid of cells over the block), the rest the tokens
+    least like any destination; every other token joins its most similar slot in the block.
+
+    One round for any ratio: a source's rank is the number of sources more similar to
+    their best destination (ties: the earlier first), and the ``T - K`` best-matched merge.
+    Tokens that weigh nothing (grid padding, empty slots) rank first, so they never hold a
+    slot a real token could use. Slots keep their tokens' order within the block.
+    """
+    dtype, device = x.dtype, x.device
+    score_dtype = torch.promote_types(dtype, torch.float32)
+    token_blocks = layout.to_blocks(x)
+    if sizes is not None:
+        token_weights = layout.to_blocks(sizes[..., None].to(dtype))[..., 0]
+    elif layout.padded:
+        token_weights = layout.constant("present", device, dtype)
+    else:
+        token_weights = None
+    destination = layout.constant("ranked_destination", device, score_dtype) > 0  # (T,)
+    unit = F.normalize(token_blocks.to(score_dtype), dim=-1)
+    similarity = unit @ unit.transpose(-1, -2)  # (B, blocks, T, T)
+    best = torch.where(destination, similarity, -math.inf).amax(dim=-1)
+    if token_weights is not None:
+        best = torch.where(token_weights > 0, best, math.inf)
+    # Only sources compete: destinations rank last (-inf ahead of nobody, behind everyone).
+    best = torch.where(destination, -math.inf, best)
+    earlier = layout.constant("earlier", device, score_dtype) > 0
+    ahead = (best[..., None, :] > best[..., :, None]) | ((best[..., None, :] == best[..., :, None]) & earlier)
+    merges = (ahead.sum(dim=-1) < layout.tokens_per_block - layout.anchors_per_block) & ~destination
+    stays = ~merges
+    position = stays.to(score_dtype).cumsum(dim=-1) - 1  # (B, blocks, T): slot of each staying token
+    # A merging token's slot: its most similar staying token's position, by a product with
+    # the one-hot row of that token (no index).
+    choice = torch.where(stays[..., None, :], similarity, -math.inf).argmax(dim=-1)
+    token_index = layout.constant("token_index", device, score_dtype)[:, 0]
+    joined = ((choice[..., None] == token_index).to(score_dtype) @ position[..., None])[..., 0]
+    slot = torch.where(merges, joined, position)
+    assignment = slot[..., None] == layout.constant("candidate_index", device, score_dtype)
+    merge_weights, slot_sizes, clamped = _slot_weights(assignment, token_weights, layout, score_dtype)
+    return MergePlan(
+        layout=layout,
+        assignment=assignment,
+        merge_weights=merge_weights.to(dtype),
+        sizes=slot_sizes[..., 0],
+        restore_mode=restore,
+        _source=x,
+        _source_blocks=token_blocks,
         _clamped_sizes=clamped[..., 0],
     )
 

@@ -195,8 +195,8 @@ def test_ranked_slots_merge_unets_globally(tiny_unet, tiny_sdxl_unet, query_shar
             remove_mame(unet)
         assert counts, "nothing merged"
         assert out.shape == reference.shape and 0 < (out - reference).norm() / reference.norm() < 0.5
-    with pytest.raises(ValueError, match="ranked.*block"):
-        apply_mame(tiny_unet, anchor="ranked")  # the UNet default is windowed (block=8)
+    with pytest.raises(ValueError, match="ranked.*takes no halo"):
+        apply_mame(tiny_unet, anchor="ranked")  # the UNet default has a halo (2)
 
 
 @pytest.mark.parametrize("latent_hw", [(16, 16), (63, 47), (20, 12)])

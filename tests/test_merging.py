@@ -59,8 +59,8 @@ def test_merged_length_is_static_and_bounded(height, width, ratio, block, halo):
 )
 def test_shapes_sizes_and_dtypes(height, width, ratio, block, halo, anchor, dtype):
     x = torch.randn(3, height * width, 6).to(dtype)
-    options = {"block": None, "tau": 0.0} if anchor == "ranked" else {"block": block, "tau": -1.0}
-    plan = plan_merge(x, (height, width), ratio=ratio, halo=halo, anchor=anchor, **options)
+    options = {"halo": 0, "tau": 0.0} if anchor == "ranked" else {"halo": halo, "tau": -1.0}
+    plan = plan_merge(x, (height, width), ratio=ratio, block=block, anchor=anchor, **options)
     merged = plan.merge(x)
     assert merged.shape == (3, plan.num_merged, 6) and merged.dtype == dtype
     assert plan.sizes.shape == (3, plan.num_merged)
@@ -87,8 +87,8 @@ def test_merged_length_follows_ratio_on_a_64_grid():
 @pytest.mark.parametrize("block,halo", [(8, 2), (4, 1), (None, 0), (16, 0)])
 @pytest.mark.parametrize("anchor", ANCHORS)
 def test_restore_of_merge_is_exact_on_constant_tokens(block, halo, anchor):
-    if anchor == "ranked" and block is not None:
-        pytest.skip("ranked slots are chosen globally")
+    if anchor == "ranked" and halo:
+        pytest.skip("ranked slots are chosen within a block: no halo")
     x = torch.randn(2, 1, 5).expand(2, 24 * 20, 5).contiguous()
     plan = plan_merge(x, (24, 20), ratio=0.75, block=block, halo=halo, anchor=anchor)
     # Ranked: every tie goes to the first destination, so one slot averages hundreds of tokens.
@@ -205,6 +205,67 @@ def test_ranked_anchors_are_bipartite_matching(hw, ratio):
     assert plan.num_merged == layout.num_merged < hw[0] * hw[1]
     torch.testing.assert_close(plan.restore(plan.merge(x)), bipartite_reference(x, sizes, plan.num_merged))
     torch.testing.assert_close(plan.sizes.sum(-1), sizes.sum(-1))
+
+
+def ranked_blocks_reference(x: torch.Tensor, sizes: torch.Tensor | None, layout) -> torch.Tensor:
+    """The blocked ranked rule with Python loops and sorting: per block, destinations are the
+    middle tokens of a grid of ``K // 2`` cells; sources (weightless ones first, then by
+    their best destination cosine, ties to the earlier) merge until ``K`` tokens stay; each
+    merging token joins its most similar staying token. Returns every token's restored
+    value (its slot's size-weighted mean)."""
+    from mame_diffusers.merging import _fit_anchor_grid
+
+    blocks = layout.to_blocks(x.double())
+    if sizes is not None:
+        weights = layout.to_blocks(sizes[..., None].double())[..., 0]
+    else:
+        weights = layout.to_blocks(torch.ones(*x.shape[:2], 1, dtype=torch.float64))[..., 0]
+    rows, cols = _fit_anchor_grid(max(1, layout.anchors_per_block // 2), layout.block_h, layout.block_w)
+    middle_rows = {(2 * i + 1) * layout.block_h // (2 * rows) for i in range(rows)}
+    middle_cols = {(2 * j + 1) * layout.block_w // (2 * cols) for j in range(cols)}
+    count = layout.tokens_per_block
+    destinations = [t for t in range(count) if t // layout.block_w in middle_rows and t % layout.block_w in middle_cols]
+    restored = torch.zeros_like(blocks)
+    for b in range(blocks.shape[0]):
+        for k in range(blocks.shape[1]):
+            tokens, weight = blocks[b, k], weights[b, k]
+            unit = F.normalize(tokens, dim=-1)
+            similarity = unit @ unit.T
+            sources = [t for t in range(count) if t not in destinations]
+
+            def key(t):
+                best = max(float(similarity[t, d]) for d in destinations)
+                return (0 if weight[t] <= 0 else 1, -best, t)
+
+            merging = sorted(sources, key=key)[: count - layout.anchors_per_block]
+            staying = [t for t in range(count) if t not in merging]
+            slot_of = {t: t for t in staying}
+            for t in merging:
+                slot_of[t] = max(staying, key=lambda s: (float(similarity[t, s]), -s))
+            for s in staying:
+                members = [t for t in range(count) if slot_of[t] == s]
+                total = sum(float(weight[t]) for t in members)
+                mean = sum(weight[t] * tokens[t] for t in members) / total if total > 0 else torch.zeros_like(tokens[0])
+                for t in members:
+                    restored[b, k, t] = mean
+    return layout.from_blocks(restored)
+
+
+@pytest.mark.parametrize("hw,ratio,block", [((16, 16), 0.5, 8), ((21, 19), 0.75, 8), ((16, 24), 0.3, 16), ((32, 32), 0.9, 8)])
+@pytest.mark.parametrize("with_sizes", [False, True])
+def test_ranked_blocks_match_a_loop_reference(hw, ratio, block, with_sizes):
+    x = torch.randn(2, hw[0] * hw[1], 6, dtype=torch.float64)
+    sizes = None
+    if with_sizes:
+        sizes = torch.rand(2, hw[0] * hw[1], dtype=torch.float64) + 0.5
+        sizes[:, ::7] = 0  # weightless tokens (empty slots of an earlier merge)
+    plan = plan_merge(x, hw, ratio=ratio, block=block, halo=0, anchor="ranked", sizes=sizes)
+    layout = merge_layout(hw, ratio, block=block, halo=0)
+    assert layout.num_blocks > 1 and plan.num_merged == layout.num_merged
+    expected = ranked_blocks_reference(x, sizes, layout)
+    torch.testing.assert_close(plan.restore(plan.merge(x)), expected)
+    total = torch.full((2,), float(hw[0] * hw[1]), dtype=torch.float64) if sizes is None else sizes.sum(-1)
+    torch.testing.assert_close(plan.sizes.sum(-1), total)
 
 
 def test_ranked_anchors_merge_the_most_redundant_tokens():
@@ -428,6 +489,7 @@ def test_straight_through_forward_equals_hard():
         {"anchor": "distinct", "refine": 1, "restore": "affine"},
         {"refine": 1, "restore": "affine", "block": None, "halo": 0},
         {"anchor": "ranked", "block": None, "restore": "affine"},
+        {"anchor": "ranked", "block": 8, "halo": 0, "restore": "affine"},
     ],
 )
 def test_merge_path_has_no_banned_ops(options):
@@ -461,7 +523,7 @@ def test_merge_path_has_no_banned_ops(options):
         ({"ratio": 0.5, "refine": -1}, "refine"),
         ({"ratio": 0.5, "refine": True}, "refine"),
         ({"ratio": 0.5, "restore": "soft"}, "restore"),
-        ({"ratio": 0.5, "anchor": "ranked"}, "ranked.*block"),
+        ({"ratio": 0.5, "anchor": "ranked"}, "ranked.*takes no halo"),
         ({"ratio": 0.5, "anchor": "ranked", "block": None, "tau": 0.5}, "ranked.*tau"),
         ({"ratio": 0.5, "anchor": "ranked", "block": None, "temperature": 0.1}, "ranked.*temperature"),
         ({"ratio": 0.5, "anchor": "ranked", "block": None, "refine": 1}, "ranked.*refine"),
@@ -558,7 +620,12 @@ def test_both_overlap_adds_agree(hw, ratio, block, halo):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"refine": 1, "restore": "affine", "anchor": "distinct"}, {"anchor": "ranked", "block": None, "halo": 0}],
+    [
+        {},
+        {"refine": 1, "restore": "affine", "anchor": "distinct"},
+        {"anchor": "ranked", "block": None, "halo": 0},
+        {"anchor": "ranked", "block": 8, "halo": 0, "restore": "affine"},
+    ],
 )
 def test_compiled_operator_matches_eager(options):
     # Inductor once lowered F.fold with these window strides to out-of-bounds writes; the

@@ -467,7 +467,7 @@ def test_unsupported_models_are_named():
         (dict(layers="01"), "sequence"),
         (dict(tau=2.0), "tau"),
         (dict(block=0), "block"),
-        (dict(block=4), "ranked.*takes no block.*anchor='strided'"),
+        (dict(block=4), "ranked.*takes no halo.*anchor='strided'"),
         (dict(tau=0.5, refine=1), "ranked.*takes no tau, refine"),
         (dict(video_grid="frames"), "video_grid"),
         (dict(proportional_attention=1), "proportional_attention"),
