@@ -103,10 +103,13 @@ class MaMeConfig(OperatorSettings):
     and MLP) runs on the merged tokens; self-attention inside then also merges its keys and
     values and weights merged tokens by their sizes. ``0`` turns it off.
 
-    ``refine`` and ``restore`` (operator options, see :func:`mame_diffusers.plan_merge`)
-    matter where tokens are restored: queries with ``query_share > 0`` and deep stacks.
-    There ``anchor="distinct", refine=1, restore="affine"`` is the most faithful setting
-    measured (docs/fidelity.md); it costs more on a CPU and was not timed on a GPU.
+    ``anchor``, ``refine`` and ``restore`` (operator options, see
+    :func:`mame_diffusers.plan_merge`) matter most where tokens are restored: queries with
+    ``query_share > 0`` and deep stacks. There ``anchor="ranked", block=16, halo=0,
+    restore="affine"`` is the most faithful setting measured on a layer with realistic
+    (sharpened) attention, and ``anchor="distinct", refine=1, restore="affine"`` is level
+    with it on a whole UNet at random weights (docs/fidelity.md); both cost more on a CPU
+    and were not timed on a GPU.
 
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
