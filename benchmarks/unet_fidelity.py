@@ -11,6 +11,7 @@ unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
     python benchmarks/unet_fidelity.py --sweep sd21-restore --resolution 768 --repeats 1
     python benchmarks/unet_fidelity.py --sweep sd21-distinct --resolution 768 --repeats 1
     python benchmarks/unet_fidelity.py --sweep sd21-ranked --resolution 768 --repeats 1
+    python benchmarks/unet_fidelity.py --sweep sdxl-ranked --resolution 1024 --repeats 1
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ SWEEPS = {
     "sdxl-stack-peers": lambda: [
         tomesd_method(0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True),
         mame(),
+    ],
+    # The deep-stack merge restores each stack's update: the operator options there.
+    "sdxl-ranked": lambda: [
+        tomesd_method(0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True),
+        mame(),
+        mame(anchor="ranked", halo=0, restore="affine"),
+        mame(anchor="ranked", block=16, halo=0, restore="affine"),
+        mame(anchor="distinct", refine=1, restore="affine"),
     ],
     "sdxl": lambda: [
         tomesd_method(0.75, max_downsample=2),

@@ -727,12 +727,7 @@ def plan_on_layout(
     # than half precision.
     score_dtype = torch.promote_types(dtype, torch.float32)
     token_blocks = layout.to_blocks(x)
-    if sizes is not None:
-        token_weights = layout.to_blocks(sizes[..., None].to(dtype))[..., 0]
-    elif layout.padded:
-        token_weights = layout.constant("present", device, dtype)
-    else:
-        token_weights = None  # every token weighs 1
+    token_weights = _token_weights(layout, sizes, device, dtype)  # None: every token weighs 1
 
     candidate_bias = layout.constant("candidate_bias", device, score_dtype)
     if sizes is not None:
@@ -769,17 +764,7 @@ def plan_on_layout(
         soft = torch.softmax(logits.to(score_dtype), dim=-1).to(dtype)
         assignment = hard + (soft - soft.detach()) if straight_through else soft
 
-    merge_weights, slot_sizes, clamped = _slot_weights(assignment, token_weights, layout, score_dtype)
-    return MergePlan(
-        layout=layout,
-        assignment=assignment,
-        merge_weights=merge_weights.to(dtype),
-        sizes=slot_sizes[..., 0],
-        restore_mode=restore,
-        _source=x,
-        _source_blocks=token_blocks,
-        _clamped_sizes=clamped[..., 0],
-    )
+    return _plan_from_assignment(x, token_blocks, layout, assignment, token_weights, restore)
 
 
 def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None, restore: str) -> MergePlan:
@@ -810,17 +795,7 @@ def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | Non
         tokens = sums / weights.clamp_min(torch.finfo(work_dtype).tiny)[..., None]
     assignment = _one_hot(slot, layout.num_merged).bool()[:, None]
     block_weights = None if token_weights is None else token_weights[:, None].to(dtype)
-    merge_weights, slot_sizes, clamped = _slot_weights(assignment, block_weights, layout, work_dtype)
-    return MergePlan(
-        layout=layout,
-        assignment=assignment,
-        merge_weights=merge_weights.to(dtype),
-        sizes=slot_sizes[..., 0],
-        restore_mode=restore,
-        _source=x,
-        _source_blocks=layout.to_blocks(x),
-        _clamped_sizes=clamped[..., 0],
-    )
+    return _plan_from_assignment(x, layout.to_blocks(x), layout, assignment, block_weights, restore)
 
 
 def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None, restore: str) -> MergePlan:
@@ -836,12 +811,7 @@ def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor
     dtype, device = x.dtype, x.device
     score_dtype = torch.promote_types(dtype, torch.float32)
     token_blocks = layout.to_blocks(x)
-    if sizes is not None:
-        token_weights = layout.to_blocks(sizes[..., None].to(dtype))[..., 0]
-    elif layout.padded:
-        token_weights = layout.constant("present", device, dtype)
-    else:
-        token_weights = None
+    token_weights = _token_weights(layout, sizes, device, dtype)
     destination = layout.constant("ranked_destination", device, score_dtype) > 0  # (T,)
     unit = F.normalize(token_blocks.to(score_dtype), dim=-1)
     similarity = unit @ unit.transpose(-1, -2)  # (B, blocks, T, T)
@@ -862,17 +832,7 @@ def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor
     joined = ((choice[..., None] == token_index).to(score_dtype) @ position[..., None])[..., 0]
     slot = torch.where(merges, joined, position)
     assignment = slot[..., None] == layout.constant("candidate_index", device, score_dtype)
-    merge_weights, slot_sizes, clamped = _slot_weights(assignment, token_weights, layout, score_dtype)
-    return MergePlan(
-        layout=layout,
-        assignment=assignment,
-        merge_weights=merge_weights.to(dtype),
-        sizes=slot_sizes[..., 0],
-        restore_mode=restore,
-        _source=x,
-        _source_blocks=token_blocks,
-        _clamped_sizes=clamped[..., 0],
-    )
+    return _plan_from_assignment(x, token_blocks, layout, assignment, token_weights, restore)
 
 
 def _bipartite_round(tokens: torch.Tensor, remove: int) -> torch.Tensor:
@@ -905,6 +865,41 @@ def _one_hot(index: torch.Tensor, width: int, dtype: torch.dtype | None = None) 
 def _earlier(count: int, device: torch.device) -> torch.Tensor:
     """``(count, count)``: whether column ``j`` comes before row ``i``."""
     return torch.ones(count, count, dtype=torch.bool, device=device).tril(-1)
+
+
+def _token_weights(
+    layout: MergeLayout, sizes: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``(B or 1, blocks, T)`` weights of the tokens in block layout: their sizes, 0 for grid
+    padding; ``None`` when every token weighs 1."""
+    if sizes is not None:
+        return layout.to_blocks(sizes[..., None].to(dtype))[..., 0]
+    if layout.padded:
+        return layout.constant("present", device, dtype)
+    return None
+
+
+def _plan_from_assignment(
+    x: torch.Tensor,
+    token_blocks: torch.Tensor,
+    layout: MergeLayout,
+    assignment: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    restore: str,
+) -> MergePlan:
+    """The plan that merges by ``assignment`` ``(B, blocks, T, K)``, with its merge weights and sizes."""
+    score_dtype = torch.promote_types(x.dtype, torch.float32)
+    merge_weights, slot_sizes, clamped = _slot_weights(assignment, token_weights, layout, score_dtype)
+    return MergePlan(
+        layout=layout,
+        assignment=assignment,
+        merge_weights=merge_weights.to(x.dtype),
+        sizes=slot_sizes[..., 0],
+        restore_mode=restore,
+        _source=x,
+        _source_blocks=token_blocks,
+        _clamped_sizes=clamped[..., 0],
+    )
 
 
 def _similarity(token_blocks: torch.Tensor, anchors: torch.Tensor, layout: MergeLayout) -> torch.Tensor:
