@@ -11,7 +11,7 @@ The operator's defaults are re-exported by :mod:`mame_diffusers.merging`, the UN
 #: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
 DEFAULT_TAU = 0.0
 #: What each cell offers to merge into (see :func:`plan_merge`); ``"ranked"`` has no cells:
-#: it picks the slots by content, among all tokens at once (global merging only).
+#: it picks the slots by content among a block's tokens (or all of them, ``block=None``).
 ANCHORS = ("strided", "random", "pooled", "distinct", "ranked")
 DEFAULT_ANCHOR = "strided"
 #: Side of the token blocks in which anchors are placed (``None``: the whole grid).

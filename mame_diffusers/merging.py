@@ -145,8 +145,9 @@ def check_merge_settings(
     if restore not in RESTORES:
         raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
     if anchor == "ranked":
-        # Ranked slots are chosen among all tokens at once, and exactly the most redundant
-        # tokens merge: there is no window, no threshold, no soft mode and no anchor to move.
+        # Ranked slots are chosen among the tokens of a block (or all of them), and exactly
+        # the most redundant tokens merge: no halo, no threshold, no soft mode and no anchor
+        # to move.
         unused = {
             "halo": halo != 0 and block is not None,
             "tau": tau != DEFAULT_TAU,
@@ -330,11 +331,12 @@ class MergeLayout:
         if name == "token_index":  # (T, 1): 0..T-1, to turn a best token of each cell into a column
             return torch.arange(self.tokens_per_block, device=device, dtype=dtype)[:, None]
         if name == "ranked_destination":  # (T,): 1 for the block's fixed destinations (ranked slots)
-            row, col = self._own_cell(device)
             rows, cols = _fit_anchor_grid(max(1, self.anchors_per_block // 2), self.block_h, self.block_w)
             # The middle token of each cell of a rows x cols grid over the block.
-            middle_rows = torch.div((2 * torch.arange(rows, device=device) + 1) * self.block_h, 2 * rows, rounding_mode="floor")
-            middle_cols = torch.div((2 * torch.arange(cols, device=device) + 1) * self.block_w, 2 * cols, rounding_mode="floor")
+            odd_rows = 2 * torch.arange(rows, device=device) + 1
+            odd_cols = 2 * torch.arange(cols, device=device) + 1
+            middle_rows = torch.div(odd_rows * self.block_h, 2 * rows, rounding_mode="floor")
+            middle_cols = torch.div(odd_cols * self.block_w, 2 * cols, rounding_mode="floor")
             token = torch.arange(self.tokens_per_block, device=device)
             token_row = torch.div(token, self.block_w, rounding_mode="floor")
             token_col = token - token_row * self.block_w
@@ -646,13 +648,16 @@ def plan_merge(
             ``"random"`` a random token (drawn anew each call), ``"pooled"`` the mean of its
             tokens, ``"distinct"`` its token least like the cell's mean (content-following:
             in a cell across an edge the odd token becomes the anchor and the typical ones
-            join a neighbour; 16 more operations than ``"strided"``). ``"ranked"`` (global
-            merging only, ``block=None``): no cells; ToMe's bipartite matching by
-            comparisons. Every other token is a destination, and the sources most similar to
-            a destination join it, the others stay (rounds of at most half the tokens).
-            The slots are then the tokens that stay, in token order (not a grid), and
-            exactly the most redundant tokens merge: no ``tau``, ``temperature`` or
-            ``refine``.
+            join a neighbour; 16 more operations than ``"strided"``). ``"ranked"``: no
+            cells; which tokens merge is chosen by content, by comparisons. With
+            ``block=None``, ToMe's bipartite matching: every other token is a destination,
+            and the sources most similar to a destination join it (rounds of at most half
+            the tokens). In blocks (``halo=0``): half of each block's slots are fixed
+            destinations, the others go to the tokens least like any of them, and every
+            other token joins its most similar staying token. The slots are the tokens
+            that stay, in token order (not a grid), and exactly the most redundant tokens
+            merge: no ``halo``, ``tau``, ``temperature`` or ``refine``
+            (``docs/operator.md``, section 7).
         temperature: ``None`` for hard assignment; a positive number for the soft,
             differentiable assignment ``softmax(similarity / temperature)`` over the
             anchors that pass ``tau``.

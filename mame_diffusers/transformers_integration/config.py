@@ -25,8 +25,9 @@ DEFAULT_VISION_BLOCK: int | None = None
 #: Which tokens merge: ``"ranked"``, the most redundant ones wherever they are (bipartite
 #: matching by comparisons). On ViT-B/16 with attention sharpened to trained models' entropy
 #: (benchmarks/fidelity_vit.py, 60 photo crops) it keeps the pooled features at cosine 0.998
-#: where the grid-placed ``"strided"`` slots reach 0.971 (top-1 agreement 0.9 against 0.77),
-#: and it merges as fast on CPU (ViT-B/16 batch 32: 2.34x against 2.20x the unmerged model).
+#: where the grid-placed ``"strided"`` slots reach 0.971 (top-1 agreement 0.92 against 0.77),
+#: level with ToMe-style bipartite matching, and it is as fast on CPU (ViT-B/16 batch 32:
+#: 2.18x the unmerged model's throughput, against 2.15x; benchmarks/results/vit_cpu.md).
 DEFAULT_VISION_ANCHOR = "ranked"
 #: Share of the encoder layers that merge by default (the paper: the first 8 of ViT-B's 12).
 DEFAULT_MERGING_SHARE = 2 / 3
@@ -77,8 +78,9 @@ class VisionMaMeConfig(OperatorSettings):
             first ``len(ratio)`` layers for a schedule, else the first two thirds of the
             layers (8 of ViT-B's 12, the paper's setting).
         anchor: which tokens merge. ``"ranked"`` (the default): the most redundant ones,
-            wherever they are (global bipartite matching by comparisons; no ``block``,
-            ``tau``, ``temperature`` or ``refine``); ``"strided"``, ``"distinct"``,
+            wherever they are (global bipartite matching by comparisons; with a ``block``
+            it needs ``halo=0``, and it takes no ``tau``, ``temperature`` or ``refine``);
+            ``"strided"``, ``"distinct"``,
             ``"pooled"``, ``"random"``: slots placed on the grid (see
             :func:`mame_diffusers.plan_merge`), which the other options apply to.
         tau, block, halo, temperature, straight_through, refine: operator options,
