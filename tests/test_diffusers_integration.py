@@ -182,12 +182,12 @@ def test_processor_merge_path_has_no_banned_ops():
 # -- shapes, batches, dtypes ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query_share", [0.0, 1.0])
-def test_ranked_slots_merge_unets_globally(tiny_unet, tiny_sdxl_unet, query_share):
+@pytest.mark.parametrize("query_share,block", [(0.0, None), (1.0, None), (1.0, 4)])
+def test_ranked_slots_merge_unets(tiny_unet, tiny_sdxl_unet, query_share, block):
     for unet in (tiny_unet, tiny_sdxl_unet):
         inputs = unet_inputs(unet, (20, 12))
         reference = run(unet, inputs)
-        apply_mame(unet, anchor="ranked", block=None, query_share=query_share, min_latent_tokens=0)
+        apply_mame(unet, anchor="ranked", block=block, halo=0, query_share=query_share, min_latent_tokens=0)
         try:
             counts = merged_calls(unet)
             out = run(unet, inputs)
