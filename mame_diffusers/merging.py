@@ -785,10 +785,11 @@ def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | Non
     work_dtype = torch.promote_types(dtype, torch.float32)  # slot positions are counted exactly
     token_weights = None if sizes is None else sizes.to(work_dtype)
     tokens, weights, slot = x.to(work_dtype), token_weights, None
+    earlier = layout.constant("earlier", x.device, torch.bool)  # every round's tie-break order
     while tokens.shape[1] > layout.num_merged:
         count = tokens.shape[1]
         remaining = max(layout.num_merged, count - count // 2)
-        round_slot = _bipartite_round(tokens, count - remaining)
+        round_slot = _bipartite_round(tokens, count - remaining, earlier)
         # Composed with the earlier rounds by a product with one-hot rows, not an index.
         slot = round_slot if slot is None else (_one_hot(slot, count) @ round_slot[..., None])[..., 0]
         if remaining == layout.num_merged:
@@ -817,7 +818,7 @@ def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor
     score_dtype = torch.promote_types(dtype, torch.float32)
     token_blocks = layout.to_blocks(x)
     token_weights = _token_weights(layout, sizes, device, dtype)
-    destination = layout.constant("ranked_destination", device, score_dtype) > 0  # (T,)
+    destination = layout.constant("ranked_destination", device, torch.bool)  # (T,)
     unit = F.normalize(token_blocks.to(score_dtype), dim=-1)
     similarity = unit @ unit.transpose(-1, -2)  # (B, blocks, T, T)
     best = torch.where(destination, similarity, -math.inf).amax(dim=-1)
@@ -825,7 +826,7 @@ def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor
         best = torch.where(token_weights > 0, best, math.inf)
     # Only sources compete: destinations rank last (-inf ahead of nobody, behind everyone).
     best = torch.where(destination, -math.inf, best)
-    earlier = layout.constant("earlier", device, score_dtype) > 0
+    earlier = layout.constant("earlier", device, torch.bool)
     ahead = (best[..., None, :] > best[..., :, None]) | ((best[..., None, :] == best[..., :, None]) & earlier)
     merges = (ahead.sum(dim=-1) < layout.tokens_per_block - layout.anchors_per_block) & ~destination
     stays = ~merges
@@ -840,15 +841,20 @@ def _ranked_block_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor
     return _plan_from_assignment(x, token_blocks, layout, assignment, token_weights, restore)
 
 
-def _bipartite_round(tokens: torch.Tensor, remove: int) -> torch.Tensor:
-    """``(B, n)``: the slot (``0..n - remove - 1``, as floats) each of the ``n`` tokens goes to."""
+def _bipartite_round(tokens: torch.Tensor, remove: int, earlier: torch.Tensor) -> torch.Tensor:
+    """``(B, n)``: the slot (``0..n - remove - 1``, as floats) each of the ``n`` tokens goes to.
+
+    ``earlier`` is the layout's ``(N, N)`` token-order constant (``n <= N``).
+    """
     count = tokens.shape[1]
     unit = F.normalize(tokens, dim=-1)
     sources, destinations = unit[:, 0::2], unit[:, 1::2]
     best, best_destination = (sources @ destinations.transpose(-1, -2)).max(dim=-1)
     # A source's rank: how many sources are more similar to their destination (ties: the
     # earlier source first). The ``remove`` best-matched merge. Comparisons, not a sort.
-    earlier = _earlier(sources.shape[1], tokens.device)
+    # Among the sources (tokens 0, 2, 4, ...), source j comes before source i where token 2j
+    # comes before token 2i: a strided view of the token order, no new matrix.
+    earlier = earlier[:count:2, :count:2]
     ahead = (best[:, None, :] > best[:, :, None]) | ((best[:, None, :] == best[:, :, None]) & earlier)
     merges = ahead.sum(dim=-1) < remove
     stays = torch.stack([~merges, torch.ones_like(merges)], dim=-1).flatten(1)[:, :count]
@@ -865,11 +871,6 @@ def _one_hot(index: torch.Tensor, width: int, dtype: torch.dtype | None = None) 
     """``(..., width)`` rows with a 1 at ``index`` (whole numbers, any dtype), by comparison."""
     dtype = dtype or index.dtype
     return (index[..., None] == torch.arange(width, device=index.device, dtype=index.dtype)).to(dtype)
-
-
-def _earlier(count: int, device: torch.device) -> torch.Tensor:
-    """``(count, count)``: whether column ``j`` comes before row ``i``."""
-    return torch.ones(count, count, dtype=torch.bool, device=device).tril(-1)
 
 
 def _token_weights(
