@@ -799,7 +799,8 @@ def _ranked_plan(x: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | Non
         sums = members @ (tokens if weights is None else tokens * weights[..., None])
         weights = members.sum(dim=-1) if weights is None else (members @ weights[..., None])[..., 0]
         tokens = sums / weights.clamp_min(torch.finfo(work_dtype).tiny)[..., None]
-    assignment = _one_hot(slot, layout.num_merged).bool()[:, None]
+    # One global block: its candidates are the M slots, so the layout's 0..K-1 serves (as in blocks).
+    assignment = (slot[..., None] == layout.constant("candidate_index", x.device, work_dtype))[:, None]
     block_weights = None if token_weights is None else token_weights[:, None].to(dtype)
     return _plan_from_assignment(x, layout.to_blocks(x), layout, assignment, block_weights, restore)
 
