@@ -27,6 +27,13 @@ DEFAULT_RESTORE = "copy"
 
 # -- diffusers UNets (diffusers_integration.py) -------------------------------------------
 
+#: What computes the UNet's merges: ``"torch"`` the operator's ATen path (every device,
+#: differentiable, traced by ``torch.compile``); ``"triton"`` fused kernels on CUDA
+#: (``mame_diffusers/kernels.py``: two launches to plan and merge instead of some 27).
+BACKENDS = ("torch", "triton")
+#: The Triton kernels match the torch path in tests but have not been timed on a GPU yet.
+DEFAULT_BACKEND = "torch"
+
 # Chosen from measurements on the SD 2.1 architecture (docs/ablation.md) and an H200.
 #: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
 DEFAULT_RATIO = 0.75

@@ -34,6 +34,8 @@ from diffusers.models.controlnets import MultiControlNetModel, MultiControlNetUn
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from .defaults import (
+    BACKENDS,
+    DEFAULT_BACKEND,
     DEFAULT_MAX_DOWNSAMPLE,
     DEFAULT_MIN_LATENT_TOKENS,
     DEFAULT_QUERY_SHARE,
@@ -48,6 +50,7 @@ from .merging import (
     DEFAULT_BLOCK,
     DEFAULT_HALO,
     DEFAULT_TAU,
+    MergeLayout,
     MergePlan,
     OperatorSettings,
     cuda_graph_recording,
@@ -111,6 +114,15 @@ class MaMeConfig(OperatorSettings):
     with it on a whole UNet at random weights (docs/fidelity.md); both cost more on a CPU
     and were not timed on a GPU.
 
+    ``backend="triton"`` plans and merges with fused Triton kernels on CUDA
+    (``mame_diffusers/kernels.py``): two launches per plan and merge, one per further merge
+    or restore, instead of the torch path's some 27. It computes the same plan for the
+    default operator (strided anchors, hard assignment, any ``tau``, copy restore) and
+    takes no other; it has no backward pass. The torch path still runs where the kernels
+    do not apply: under ``torch.compile`` (which traces and fuses it), in deep stacks'
+    self-attention (weighted tokens), and on grids whose sides are not multiples of the
+    anchor cells. Not timed on a GPU yet, so not the default.
+
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
 
@@ -130,6 +142,7 @@ class MaMeConfig(OperatorSettings):
     reuse_plans: bool = True
     refine: int = DEFAULT_REFINE
     restore: str = DEFAULT_RESTORE
+    backend: str = DEFAULT_BACKEND
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", self.check_operator_settings(self.ratio))
@@ -153,7 +166,42 @@ class MaMeConfig(OperatorSettings):
         for name in ("proportional_attention", "reuse_plans"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_backend()
         self.remember_layout_settings("query_ratio", "kv_ratio", "stack_ratio")
+
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "triton":
+            return
+        unsupported = {
+            "anchor": self.anchor != "strided",
+            "temperature": self.temperature is not None,
+            "refine": self.refine != 0,
+            "restore": self.restore != "copy",
+        }
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise ValueError(
+                f"backend='triton' computes the default operator (anchor='strided', hard assignment, "
+                f"refine=0, restore='copy') and takes no other {', '.join(named)}: use backend='torch' with them"
+            )
+        from . import kernels
+
+        if not kernels.available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+
+    def plan_on(
+        self, tokens: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None = None
+    ) -> MergePlan:
+        """The plan of ``tokens`` on ``layout``: the Triton kernels' where ``backend`` asks
+        for them and they apply (see the class docstring), else the torch path's."""
+        if self.backend == "triton" and sizes is None and not torch.compiler.is_compiling():
+            from . import kernels
+
+            if kernels.supports(layout):
+                return kernels.plan_slots(tokens, layout, tau=self.tau)
+        return super().plan_on(tokens, layout, sizes)
 
     def merges_call(self, latent_tokens: int, device: torch.device) -> bool:
         """Whether a UNet call with ``latent_tokens`` (batch x latent height x width) on

@@ -1,0 +1,384 @@
+"""Fused Triton kernels for the UNet's default merge (``MaMeConfig(backend="triton")``).
+
+On a GPU at batch 2 an SD forward is bound by kernel launches (README, "On a GPU"): the
+torch path of :func:`~mame_diffusers.plan_merge` plus one merge is some 27 kernels, each a
+few microseconds of host time, to move a tensor the GPU reads in microseconds. These
+kernels compute the same plan and merge in two launches, and each further merge or restore
+with a plan in one:
+
+- ``_assign_kernel``: every token's slot. Per block of the layout, the dot products of its
+  tokens with its candidate anchors (one ``tl.dot`` per channel chunk), the anchors' norms,
+  the own anchor's tie-break and ``tau``'s floor, then the best candidate. Writes one
+  ``int32`` slot index per token: the plan.
+- ``_merge_kernel``: every slot's mean. Per block, the slots of its own anchor cells; it
+  reads the slot indices of its block and the neighbouring ones (a halo reaches at most one
+  block over) and loads only the tokens that chose one of its slots, so each token is read
+  once. Sums are a one-hot ``tl.dot`` with float32 accumulation, in a fixed order: no
+  atomics, deterministic.
+- ``_restore_kernel``: every token receives its slot's value (MaRe's copy restore).
+
+Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs and
+under ``torch.compile``): strided anchors, hard assignment with any ``tau``, copy restore,
+no token sizes, on layouts with equal anchor cells (every latent whose sides are multiples
+of the block). The scores differ only in rounding (float32 accumulation here, the input's
+dtype in the torch path), so a near-tie may go the other way. The tests run the kernels in
+Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU against the torch path.
+
+The kernels launch with the tokens' own ``(B, N, C)`` layout: no reshape, pad or copy
+around them. Inside a kernel, loads and stores at computed addresses are the only indexing;
+the torch path's contract (no sort, top-k, gather or scatter among ATen operations) is
+about the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .merging import MergeLayout
+
+try:  # triton ships with CUDA builds of torch on Linux; CPU builds need `pip install triton`
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    triton = None
+
+__all__ = ["SlotPlan", "available", "interpreted", "plan_slots", "supports"]
+
+#: Candidates per block the assignment kernel holds in registers at once (its score tile is
+#: ``BLOCK_T x next_pow2(K)``).
+MAX_CANDIDATES = 256
+
+# Float32 constants of the torch path: the own anchor's tie-break (``candidate_bias``) and
+# the clamp of empty slots' sizes (``_slot_weights``).
+_OWN_BONUS = 64 * torch.finfo(torch.float32).eps
+_TINY = torch.finfo(torch.float32).tiny
+_LOG_TINY = math.log(_TINY)
+
+
+def available() -> bool:
+    """Whether the triton package can be imported here."""
+    return triton is not None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when triton
+    was imported): on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(layout: MergeLayout) -> bool:
+    """Whether the kernels handle this layout: equal anchor cells (no block padding) and at
+    most :data:`MAX_CANDIDATES` candidates per block (global layouts have too many)."""
+    return layout.uniform_cells and layout.num_candidates <= MAX_CANDIDATES
+
+
+def _check_device(tensor: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+    if tensor.device.type != "cuda" and not interpreted():
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA tensors, got a tensor on {tensor.device}; "
+            "use backend='torch' there (or TRITON_INTERPRET=1 to test the kernels on a CPU)"
+        )
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "backend='triton' has no backward pass: use backend='torch' (differentiable) for training"
+        )
+
+
+def _pow2(value: int, at_least: int = 16) -> int:
+    return max(at_least, triton.next_power_of_2(value))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 tokens keep float32 products (tl.dot would round them to tf32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _geometry(layout: MergeLayout) -> dict:
+    """The layout's integers the kernels take (all static for a layout)."""
+    cell_h, cell_w = layout.block_h // layout.anchors_h, layout.block_w // layout.anchors_w
+    # The middle token of each cell, as the torch path's strided anchors.
+    anchor_row, anchor_col = divmod((cell_h * cell_w + 1) // 2 - 1, cell_w)
+    return {
+        "W": layout.width,
+        "Hm": layout.merged_hw[0],
+        "Wm": layout.merged_hw[1],
+        "block_h": layout.block_h,
+        "block_w": layout.block_w,
+        "blocks_h": layout.blocks_h,
+        "blocks_w": layout.blocks_w,
+        "anchors_h": layout.anchors_h,
+        "anchors_w": layout.anchors_w,
+        "cell_h": cell_h,
+        "cell_w": cell_w,
+        "anchor_row": anchor_row,
+        "anchor_col": anchor_col,
+        "halo_h": layout.halo_h,
+        "halo_w": layout.halo_w,
+        "window_w": layout.window_w,
+        "num_candidates": layout.num_candidates,
+        "tokens_per_block": layout.tokens_per_block,
+    }
+
+
+@dataclass
+class SlotPlan:
+    """A merge plan as one slot index per token, made by :func:`plan_slots`.
+
+    It merges, restores and weighs keys as :class:`~mame_diffusers.MergePlan` does for the
+    settings the kernels support (hard assignment, copy restore), with the kernels.
+    """
+
+    layout: MergeLayout
+    #: ``(B, N)`` int32: the merged slot (row-major on ``merged_hw``) each token joins.
+    slot_index: torch.Tensor
+    #: ``(B, M)`` float32: how many tokens each slot stands for (0 for an empty slot); set by
+    #: the first merge.
+    sizes: torch.Tensor | None = None
+    _source: torch.Tensor | None = field(default=None, repr=False)
+    _source_merged: torch.Tensor | None = field(default=None, repr=False)
+    _log_sizes: torch.Tensor | None = field(default=None, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_merged(self) -> int:
+        return self.layout.num_merged
+
+    @property
+    def merged_hw(self) -> tuple[int, int]:
+        return self.layout.merged_hw
+
+    def merge(self, tokens: torch.Tensor) -> torch.Tensor:
+        """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, each slot's mean, in one kernel."""
+        self._check(tokens, self.layout.num_tokens, "merge")
+        if tokens is self._source and self._source_merged is not None:
+            return self._source_merged
+        _check_device(tokens)
+        tokens = tokens.contiguous()
+        batch, num_tokens, channels = tokens.shape
+        layout = self.layout
+        merged = torch.empty(batch, layout.num_merged, channels, device=tokens.device, dtype=tokens.dtype)
+        write_sizes = self.sizes is None
+        if write_sizes:
+            self.sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
+            self._log_sizes = torch.empty_like(self.sizes)
+        block_c = min(64, _pow2(channels))
+        grid = (layout.num_blocks, triton.cdiv(channels, block_c), batch)
+        _merge_kernel[grid](
+            tokens, self.slot_index, merged, self.sizes, self._log_sizes,
+            num_tokens, channels, layout.num_merged, _TINY,
+            **_geometry(layout),
+            WRITE_SIZES=write_sizes,
+            BLOCK_S=_pow2(layout.anchors_per_block),
+            BLOCK_T=min(64, _pow2(layout.tokens_per_block)),
+            BLOCK_C=block_c,
+            PRECISION=_precision(tokens.dtype),
+        )
+        if self._source is tokens:
+            self._source_merged = merged
+        return merged
+
+    def restore(self, merged: torch.Tensor) -> torch.Tensor:
+        """MaRe: ``(B, M, C')`` -> ``(B, N, C')``, every token its slot's value, in one kernel."""
+        self._check(merged, self.layout.num_merged, "restore")
+        _check_device(merged)
+        merged = merged.contiguous()
+        batch, _, channels = merged.shape
+        num_tokens = self.layout.num_tokens
+        restored = torch.empty(batch, num_tokens, channels, device=merged.device, dtype=merged.dtype)
+        block_t, block_c = 32, min(64, _pow2(channels))
+        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)
+        _restore_kernel[grid](
+            merged, self.slot_index, restored, num_tokens, channels, self.layout.num_merged,
+            BLOCK_T=block_t, BLOCK_C=block_c,
+        )
+        return restored
+
+    def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
+        """``(B, M)`` key bias: ``log(size)`` (``proportional``), else 0 for filled slots and
+        ``log(tiny)`` for empty ones, as :func:`~mame_diffusers.proportional_attention_bias`."""
+        key = (dtype, proportional)
+        bias = self._biases.get(key)
+        if bias is None:
+            if self.sizes is None:
+                raise RuntimeError("a SlotPlan knows its slots' sizes after its first merge")
+            if proportional:
+                bias = self._log_sizes.to(dtype)
+            else:
+                bias = torch.where(self.sizes > 0, 0.0, _LOG_TINY).to(dtype)
+            self._biases[key] = bias
+        return bias
+
+    def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
+        expected = (self.slot_index.shape[0], length)
+        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
+            raise ValueError(
+                f"{what} expects a (batch, tokens, channels) tensor with batch and tokens "
+                f"{expected}, got shape {tuple(tensor.shape)}"
+            )
+
+
+def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float) -> SlotPlan:
+    """The plan of :func:`~mame_diffusers.plan_merge` with strided anchors, hard assignment
+    and ``tau`` on a layout the kernels :func:`supports`, as a :class:`SlotPlan`; one kernel."""
+    if not supports(layout):
+        raise ValueError(f"the triton kernels need equal anchor cells and at most {MAX_CANDIDATES} candidates per block")
+    if x.ndim != 3 or x.shape[1] != layout.num_tokens:
+        raise ValueError(f"x must have shape (batch, {layout.num_tokens}, channels), got {tuple(x.shape)}")
+    _check_device(x)
+    x = x.contiguous()
+    batch, num_tokens, channels = x.shape
+    slot_index = torch.empty(batch, num_tokens, device=x.device, dtype=torch.int32)
+    if tau >= 1.0:
+        tau_mode = 2  # every token keeps its own anchor
+    elif tau > -1.0:
+        tau_mode = 1  # the own anchor's score is raised to tau times the token's norm
+    else:
+        tau_mode = 0  # the best candidate, whatever its similarity
+    block_t = min(64, _pow2(layout.tokens_per_block))
+    grid = (layout.num_blocks, triton.cdiv(layout.tokens_per_block, block_t), batch)
+    _assign_kernel[grid](
+        x, slot_index, num_tokens, channels, float(tau), _OWN_BONUS,
+        **_geometry(layout),
+        TAU_MODE=tau_mode,
+        NEEDS_NORMS=tau_mode == 1 and tau != 0.0,
+        BLOCK_T=block_t,
+        BLOCK_K=_pow2(layout.num_candidates),
+        BLOCK_C=min(64, _pow2(channels)),
+        PRECISION=_precision(x.dtype),
+    )
+    return SlotPlan(layout, slot_index, _source=x)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _assign_kernel(
+        x_ptr, slot_ptr, N, C, tau, own_bonus,
+        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, cell_h, cell_w,
+        anchor_row, anchor_col, halo_h, halo_w, window_w, num_candidates, tokens_per_block,
+        TAU_MODE: tl.constexpr, NEEDS_NORMS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        batch = tl.program_id(2).to(tl.int64)
+        block_row = block // blocks_w
+        block_col = block % blocks_w
+        # This program's tokens: a tile of one block, row-major inside the block.
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < tokens_per_block
+        row, col = t // block_w, t % block_w
+        token = (block_row * block_h + row) * W + block_col * block_w + col
+        # Its candidates: the window of anchor cells around the block, row-major.
+        k = tl.arange(0, BLOCK_K)
+        cell_row = block_row * anchors_h - halo_h + k // window_w
+        cell_col = block_col * anchors_w - halo_w + k % window_w
+        valid = (k < num_candidates) & (cell_row >= 0) & (cell_row < Hm) & (cell_col >= 0) & (cell_col < Wm)
+        anchor = (cell_row * cell_h + anchor_row) * W + cell_col * cell_w + anchor_col
+
+        base = x_ptr + batch * N * C
+        dots = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        anchor_squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        token_squares = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for start in range(0, C, BLOCK_C):
+            channel = start + tl.arange(0, BLOCK_C)
+            c_ok = channel < C
+            tokens = tl.load(base + token[:, None] * C + channel[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+            anchors = tl.load(base + anchor[:, None] * C + channel[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+            dots = tl.dot(tokens, tl.trans(anchors), dots, input_precision=PRECISION)
+            anchors32 = anchors.to(tl.float32)
+            anchor_squares += tl.sum(anchors32 * anchors32, axis=1)
+            if NEEDS_NORMS:
+                tokens32 = tokens.to(tl.float32)
+                token_squares += tl.sum(tokens32 * tokens32, axis=1)
+
+        # Cosine times the token's norm (F.normalize on the anchors, as the torch path).
+        score = dots / tl.maximum(tl.sqrt(anchor_squares), 1e-12)[None, :]
+        own_k = (row // cell_h + halo_h) * window_w + col // cell_w + halo_w
+        own = k[None, :] == own_k[:, None]
+        score = tl.where(own, score + own_bonus, score)
+        if TAU_MODE == 1:
+            floor = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            if NEEDS_NORMS:
+                floor = tau * tl.sqrt(token_squares)
+            score = tl.where(own, tl.maximum(score, floor[:, None]), score)
+        if TAU_MODE == 2:
+            score = tl.where(own, 0.0, float("-inf"))
+        score = tl.where(valid[None, :], score, float("-inf"))
+        best = tl.argmax(score, axis=1)  # ties: the first candidate, as torch.argmax
+        slot = (block_row * anchors_h - halo_h + best // window_w) * Wm + block_col * anchors_w - halo_w + best % window_w
+        tl.store(slot_ptr + batch * N + token, slot.to(tl.int32), mask=t_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        x_ptr, slot_ptr, out_ptr, sizes_ptr, log_sizes_ptr, N, C, M, tiny,
+        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, cell_h, cell_w,
+        anchor_row, anchor_col, halo_h, halo_w, window_w, num_candidates, tokens_per_block,
+        WRITE_SIZES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        batch = tl.program_id(2).to(tl.int64)
+        block_row = block // blocks_w
+        block_col = block % blocks_w
+        # This program's slots: the anchor cells of one block.
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < anchors_h * anchors_w
+        slot = (block_row * anchors_h + s // anchors_w) * Wm + block_col * anchors_w + s % anchors_w
+        slot = tl.where(s_ok, slot, -2)  # matches no slot index
+        channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = channel < C
+
+        sums = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+        counts = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        # Tokens that may have chosen these slots lie in this block or a neighbouring one.
+        for neighbour in tl.static_range(9):
+            other_row = block_row + neighbour // 3 - 1
+            other_col = block_col + neighbour % 3 - 1
+            inside = (other_row >= 0) & (other_row < blocks_h) & (other_col >= 0) & (other_col < blocks_w)
+            # No tokens past the grid's edge (one comparison: Triton's interpreter cannot
+            # combine a scalar mask with a vector one).
+            present = tl.where(inside, tokens_per_block, 0)
+            for start in range(0, tokens_per_block, BLOCK_T):
+                t = start + tl.arange(0, BLOCK_T)
+                t_ok = t < present
+                token = (other_row * block_h + t // block_w) * W + other_col * block_w + t % block_w
+                chosen = tl.load(slot_ptr + batch * N + token, mask=t_ok, other=-1)
+                hit = chosen[None, :] == slot[:, None]  # (BLOCK_S, BLOCK_T)
+                wanted = tl.max(hit.to(tl.int32), axis=0) > 0
+                # Only the tokens that chose one of these slots are read.
+                tokens = tl.load(
+                    x_ptr + batch * N * C + token[:, None] * C + channel[None, :],
+                    mask=(t_ok & wanted)[:, None] & c_ok[None, :],
+                    other=0.0,
+                )
+                sums = tl.dot(hit.to(tokens.dtype), tokens, sums, input_precision=PRECISION)
+                counts += tl.sum(hit.to(tl.float32), axis=1)
+
+        clamped = tl.maximum(counts, tiny)
+        means = sums / clamped[:, None]
+        tl.store(
+            out_ptr + batch * M * C + slot[:, None] * C + channel[None, :],
+            means.to(out_ptr.dtype.element_ty),
+            mask=s_ok[:, None] & c_ok[None, :],
+        )
+        if WRITE_SIZES:
+            if tl.program_id(1) == 0:  # the first channel chunk writes the sizes
+                tl.store(sizes_ptr + batch * M + slot, counts, mask=s_ok)
+                tl.store(log_sizes_ptr + batch * M + slot, tl.log(clamped), mask=s_ok)
+
+    @triton.jit
+    def _restore_kernel(merged_ptr, slot_ptr, out_ptr, N, C, M, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        batch = tl.program_id(2).to(tl.int64)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < N
+        channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = t_ok[:, None] & (channel < C)[None, :]
+        slot = tl.load(slot_ptr + batch * N + t, mask=t_ok, other=0)
+        values = tl.load(merged_ptr + batch * M * C + slot[:, None] * C + channel[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + batch * N * C + t[:, None] * C + channel[None, :], values, mask=mask)

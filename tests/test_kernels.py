@@ -1,0 +1,154 @@
+"""The Triton kernels (``backend="triton"``) against the torch path, run in Triton's
+interpreter on a CPU (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` where there is no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mame_diffusers import MaMeConfig, apply_mame, merge_layout, plan_merge, remove_mame  # noqa: E402
+from mame_diffusers import kernels  # noqa: E402
+from mame_diffusers.merging import MergePlan  # noqa: E402
+from mame_diffusers.offline import build_unet, unet_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_slots(plan: MergePlan) -> torch.Tensor:
+    """``(B, N)``: the slot each token joins in a torch plan (copy restore of the slot numbers)."""
+    batch = plan.assignment.shape[0]
+    numbers = torch.arange(plan.num_merged, dtype=torch.float64, device=plan.assignment.device)
+    return plan.restore(numbers.expand(batch, -1)[..., None].contiguous())[..., 0].round().to(torch.int32)
+
+
+CASES = [
+    # grid, ratio, tau, channels: 4x4 anchors of 2x2 cells with a halo of 2 (the default
+    # keys/values layout), 8x4 anchors of 1x2 cells, 2x2 anchors whose halo reaches a whole
+    # block over, a non-square grid; taus that raise the own anchor's floor, take any
+    # candidate, and keep every token in its cell.
+    ((16, 16), 0.75, 0.0, 40),
+    ((16, 16), 0.5, -1.0, 24),
+    ((32, 32), 0.9375, 0.0, 16),
+    ((16, 24), 0.75, 0.3, 72),
+    ((16, 16), 0.75, 1.0, 24),
+    ((12, 12), 0.75, 0.0, 24),  # blocks of 6 x 6 tokens, 3 x 3 anchors: partly filled tiles
+]
+
+
+@pytest.mark.parametrize("hw,ratio,tau,channels", CASES)
+def test_kernels_plan_merge_and_restore_as_the_torch_path(hw, ratio, tau, channels):
+    torch.manual_seed(0)
+    x = torch.randn(2, hw[0] * hw[1], channels, device=DEVICE)
+    layout = merge_layout(hw, ratio)
+    assert kernels.supports(layout)
+    reference = plan_merge(x, hw, ratio=ratio, tau=tau)
+    plan = kernels.plan_slots(x, layout, tau=tau)
+
+    assert torch.equal(plan.slot_index, torch_slots(reference))
+    merged = plan.merge(x)
+    torch.testing.assert_close(merged, reference.merge(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(plan.sizes, reference.sizes.float())
+    for proportional in (True, False):
+        torch.testing.assert_close(
+            plan.attention_bias(x.dtype, proportional=proportional),
+            reference.attention_bias(x.dtype, proportional=proportional),
+        )
+    # Another tensor on the same grid (a UNet level's next block), with other channels.
+    other = torch.randn(2, hw[0] * hw[1], 8, device=DEVICE)
+    torch.testing.assert_close(plan.merge(other), reference.merge(other), rtol=1e-5, atol=1e-5)
+    outputs = torch.randn(2, layout.num_merged, channels, device=DEVICE)
+    assert torch.equal(plan.restore(outputs), reference.restore(outputs))
+
+
+def test_kernels_in_half_precision_and_with_identical_tokens():
+    # Half precision, and a grid of repeated tokens: every token ties with its own anchor and
+    # others, and the tie-break must keep it in its own cell, as the torch path does.
+    torch.manual_seed(1)
+    hw, ratio = (16, 16), 0.75
+    x = torch.randn(2, 256, 32, device=DEVICE).half()
+    x[:, 128:] = x[:, :1]
+    layout = merge_layout(hw, ratio)
+    reference = plan_merge(x, hw, ratio=ratio)
+    plan = kernels.plan_slots(x, layout, tau=0.0)
+    assert torch.equal(plan.slot_index, torch_slots(reference))
+    torch.testing.assert_close(plan.merge(x), reference.merge(x), rtol=2e-3, atol=2e-3)
+
+
+def test_merging_the_planned_tokens_again_reuses_the_first_merge():
+    x = torch.randn(1, 256, 16, device=DEVICE)
+    plan = kernels.plan_slots(x, merge_layout((16, 16), 0.75), tau=0.0)
+    assert plan.merge(x) is plan.merge(x)
+
+
+def test_unsupported_layouts_and_settings_take_the_torch_path_or_raise():
+    # A grid that does not divide into equal cells (padded blocks), and a global layout.
+    padded = merge_layout((13, 13), 0.75)
+    assert not kernels.supports(padded)
+    assert not kernels.supports(merge_layout((64, 64), 0.75, block=None))  # 1,024 candidates
+    config = MaMeConfig(backend="triton")
+    x = torch.randn(1, 169, 8, device=DEVICE)
+    assert isinstance(config.plan_on(x, padded), MergePlan)
+    with pytest.raises(ValueError, match="equal anchor cells"):
+        kernels.plan_slots(x, padded, tau=0.0)
+    # Weighted tokens (inside deep stacks) take the torch path too.
+    square = merge_layout((16, 16), 0.75)
+    tokens = torch.randn(1, 256, 8, device=DEVICE)
+    assert isinstance(config.plan_on(tokens, square, torch.ones(1, 256, device=DEVICE)), MergePlan)
+    assert isinstance(config.plan_on(tokens, square), kernels.SlotPlan)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"backend": "cuda"}, "backend must be one of"),
+        ({"backend": "triton", "anchor": "ranked", "halo": 0}, "takes no other anchor"),
+        ({"backend": "triton", "restore": "affine"}, "takes no other restore"),
+        ({"backend": "triton", "temperature": 0.1, "refine": 1}, "temperature, refine"),
+    ],
+)
+def test_backend_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MaMeConfig(**settings)
+
+
+def test_backend_errors_name_what_is_missing(monkeypatch):
+    x = torch.randn(1, 256, 8, device=DEVICE)
+    layout = merge_layout((16, 16), 0.75)
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        kernels.plan_slots(x.requires_grad_(), layout, tau=0.0)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+            kernels.plan_slots(x.detach(), layout, tau=0.0)
+    monkeypatch.setattr(kernels, "triton", None)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        MaMeConfig(backend="triton")
+
+
+@pytest.mark.parametrize("name,hw,settings", [
+    ("tiny-sd", (16, 16), {"ratio": 0.5}),
+    ("tiny-sd", (16, 16), {"ratio": 0.75, "query_share": 1.0}),
+    # SDXL's shape: a deep stack merged by the kernels, its self-attention by the torch path.
+    ("tiny-sdxl", (32, 32), {"ratio": 0.5, "stack_min_layers": 2}),
+])
+def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, settings, monkeypatch):
+    planned = []
+    plan_slots = kernels.plan_slots
+    monkeypatch.setattr(kernels, "plan_slots", lambda *a, **k: planned.append(1) or plan_slots(*a, **k))
+    unet = build_unet(name, seed=0).to(DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in unet_inputs(unet, hw).items()}
+    outputs = {}
+    for backend in ("torch", "triton"):
+        apply_mame(unet, backend=backend, min_latent_tokens=0, **settings)
+        try:
+            with torch.no_grad():
+                outputs[backend] = unet(**inputs).sample
+        finally:
+            remove_mame(unet)
+    with torch.no_grad():
+        stock = unet(**inputs).sample
+    assert not torch.equal(outputs["torch"], stock)  # it merged
+    assert planned  # with the kernels
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-5)
