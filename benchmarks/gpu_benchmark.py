@@ -10,8 +10,10 @@ it ends, so that a crash or the time limit loses only the section that was runni
    stock vs MaMe (defaults, ``query_share=1``, any ``--mame-variant``) vs tomesd 0.5 and 0.75.
    One patched copy of the same seeded model per method, called round by round; median /
    min / max ms, peak memory, and the error of the noise prediction against stock. At 512,
-   768, 1024 and on SDXL, one profiled forward of stock and of MaMe defaults: kernels per
-   forward and attention's share of GPU time (the **profiler** table).
+   768, 1024 and on SDXL, one profiled forward of stock, of MaMe defaults and of MaMe with the
+   Triton kernels: kernels per forward and attention's share of GPU time (the **profiler**
+   table). Where triton runs (a GPU), every UNet table has a column for MaMe with
+   ``backend="triton"``, merging every call, and the operator section times the kernels.
 3. **CUDA graphs**: SD 2.1 at 1024, 768 and 512 and SDXL at 1024 (batch 2), each method's copy
    recorded once into a CUDA graph and replayed: the GPU time without launch overhead, which
    is what CUDA graphs give a pipeline, and where merging small attention may pay. Adds MaMe
@@ -54,7 +56,7 @@ from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from mame_diffusers import MaMeConfig, MaMeProcessor, apply_mame, plan_merge  # noqa: E402
+from mame_diffusers import MaMeConfig, MaMeProcessor, apply_mame, kernels, merge_layout, plan_merge  # noqa: E402
 from mame_diffusers.benchmarking.profiling import profile_call  # noqa: E402
 from mame_diffusers.benchmarking.report import environment, markdown_table, package_version, write_report  # noqa: E402
 from mame_diffusers.benchmarking.timing import synchronize  # noqa: E402
@@ -185,10 +187,23 @@ def unet_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Metho
         named(mame(query_share=1.0), "MaMe query_share=1"),
     ]
     peers, notes = tomesd_peers(sdxl)
-    return methods + peers + variant_methods(variants), notes
+    return methods + triton_methods() + peers + variant_methods(variants), notes
 
 
 MAME_EVERY_CALL = "MaMe merging every call"
+MAME_TRITON = "MaMe triton, merging every call"
+
+
+def triton_runs() -> bool:
+    """Whether ``backend="triton"`` can run here: triton importable, and a GPU (or Triton's
+    interpreter, to check this script on a CPU)."""
+    return kernels.available() and (torch.cuda.is_available() or kernels.interpreted())
+
+
+def triton_methods() -> list[Method]:
+    """MaMe's defaults with the Triton kernels, merging every call (the eager defaults
+    leave batch-2 calls up to 1024 unmerged on CUDA), where they can run."""
+    return [named(mame(backend="triton", min_latent_tokens=0), MAME_TRITON)] if triton_runs() else []
 
 
 def graph_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Method], list[str]]:
@@ -199,6 +214,7 @@ def graph_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Meth
     methods = [named(baseline(), STOCK), named(mame(), MAME_DEFAULTS)]
     methods.append(named(mame(min_latent_tokens=0), MAME_EVERY_CALL))
     methods.append(named(mame(min_latent_tokens=0, query_share=1.0), f"{MAME_EVERY_CALL}, query_share=1"))
+    methods += triton_methods()
     peers, notes = tomesd_peers(sdxl, use_rand=False)
     notes.append("CUDA graphs: tomesd runs with use_rand=False (a graph cannot record its own generator's draws)")
     return methods + peers + variant_methods(variants), notes
@@ -325,8 +341,10 @@ class Report:
             "N", "plan+merge ms", "plan+merge kernels", "M_kv",
             "stock attn ms", "MaMe attn ms", "MaMe/stock", "MaMe merged", "kernels stock", "kernels MaMe",
             "forced-merge attn ms", "kernels forced",
+            "triton plan+merge ms", "triton plan+merge kernels", "triton attn ms", "kernels triton attn",
         ]
-        formats = {c: ".3f" for c in ("plan+merge ms", "stock attn ms", "MaMe attn ms", "forced-merge attn ms")}
+        timed = ("plan+merge ms", "stock attn ms", "MaMe attn ms", "forced-merge attn ms", "triton plan+merge ms")
+        formats = {c: ".3f" for c in (*timed, "triton attn ms")}
         formats["MaMe/stock"] = ".2f"
         return markdown_table(self.payload["operator"], columns, formats) if self.payload["operator"] else ""
 
@@ -392,7 +410,8 @@ class Report:
             ("## 1. Operator: plan + merge, and one self-attention (C = 320, 5 heads, batch 2, random tokens)",
              "ms per call (median); kernels per call (one profiled call). `MaMe` is `MaMeProcessor()` with "
              "its defaults (which may leave small attention unmerged on a GPU: `MaMe merged`); `forced-merge` "
-             "is the same with `min_latent_tokens=0`. M_kv: tokens keys and values merge to.",
+             "is the same with `min_latent_tokens=0`, `triton` with `backend=\"triton\"` too (the fused kernels). "
+             "M_kv: tokens keys and values merge to.",
              self.operator_table()),
             ("## 2. Eager UNet: speed-up over stock (relative error of the noise prediction vs stock)",
              "One patched copy per method, called round by round; median of the timed rounds.", self.eager_summary()),
@@ -587,7 +606,8 @@ class Benchmark:
             # Building the architecture and its copies (the first section of each model
             # pays it); the profiled forwards (slow ones: profiling adds a lot per kernel).
             build = (5 if quick else (20 if setting.sdxl else 10)) if setting.model != previous else 2
-            profile = (3 if quick else 6) if setting.profile else 0
+            profiled = 3 if triton_runs() else 2  # stock, MaMe defaults, MaMe triton
+            profile = (1.5 if quick else 3) * profiled if setting.profile else 0
             estimate = build + calls * setting.per_call + profile
             sections.append((f"eager {setting.label}", estimate, lambda s=setting: self.eager(s)))
             previous = setting.model
@@ -702,6 +722,22 @@ class Benchmark:
             except TypeError as error:  # no min_latent_tokens setting in this version
                 row["forced-merge attn ms"] = None
                 self.note(f"operator: no forced-merge column ({_describe(error)})")
+            if triton_runs():
+                layout = merge_layout(hw, ratio)
+
+                def triton_merge(x: torch.Tensor = x, layout=layout) -> torch.Tensor:
+                    return kernels.plan_slots(x, layout, tau=0.0).merge(x)
+
+                with torch.inference_mode():
+                    torch.testing.assert_close(triton_merge(), merge(), rtol=2e-3, atol=2e-3)
+                row["triton plan+merge ms"] = self.per_call_ms(triton_merge, calls, samples)
+                row["triton plan+merge kernels"] = profile_call(triton_merge, self.device)["kernels"]
+                fused = _self_attention().to(self.device, self.dtype)
+                fused.load_state_dict(stock_attn.state_dict())
+                fused.set_processor(MaMeProcessor(config=MaMeConfig(min_latent_tokens=0, backend="triton")))
+                attns["triton"] = fused
+            else:
+                self.note("operator: no triton columns (triton is not importable, or no GPU)")
             times = self.interleaved_ms({k: (lambda a=a, x=x: a(x)) for k, a in attns.items()}, calls, samples)
             with torch.inference_mode():
                 outputs = {k: a(x) for k, a in attns.items()}
@@ -714,6 +750,9 @@ class Benchmark:
             if "forced" in attns:
                 row["forced-merge attn ms"] = times["forced"]
                 row["kernels forced"] = profile_call(lambda: attns["forced"](x), self.device)["kernels"]
+            if "triton" in attns:
+                row["triton attn ms"] = times["triton"]
+                row["kernels triton attn"] = profile_call(lambda: attns["triton"](x), self.device)["kernels"]
             self.report.payload["operator"].append(row)
             self.log(
                 f"  N={tokens}: plan+merge {row['plan+merge ms']:.3f} ms ({row['plan+merge kernels']} kernels); "
@@ -762,7 +801,7 @@ class Benchmark:
         self.log("  " + " | ".join(summary))
         if setting.profile:
             self.report.write()  # the timings are safe before the slower profiled calls
-            for name in (STOCK, MAME_DEFAULTS):
+            for name in (STOCK, MAME_DEFAULTS, MAME_TRITON):
                 if name not in models:
                     continue
                 entry: dict[str, Any] = {"setting": setting.label, "method": name}

@@ -86,7 +86,8 @@ def _check_device(tensor: torch.Tensor) -> None:
         )
     if tensor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
-            "backend='triton' has no backward pass: use backend='torch' (differentiable) for training"
+            "backend='triton' has no backward pass: run inference under torch.no_grad() (as diffusers "
+            "pipelines do), or use backend='torch' (differentiable) for training"
         )
 
 
