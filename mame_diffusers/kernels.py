@@ -32,6 +32,7 @@ about the torch path.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ try:  # triton ships with CUDA builds of torch on Linux; CPU builds need `pip in
 except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
 
-__all__ = ["SlotPlan", "available", "interpreted", "plan_slots", "supports"]
+__all__ = ["SlotPlan", "available", "compile_ahead", "interpreted", "plan_slots", "supports"]
 
 #: Candidates per block the assignment kernel holds in registers at once (its score tile is
 #: ``BLOCK_T x next_pow2(K)``).
@@ -164,22 +165,13 @@ class SlotPlan:
         batch, num_tokens, channels = tokens.shape
         layout = self.layout
         merged = torch.empty(batch, layout.num_merged, channels, device=tokens.device, dtype=tokens.dtype)
-        write_sizes = self.sizes is None
-        if write_sizes:
-            self.sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
-            self._log_sizes = torch.empty_like(self.sizes)
-        block_c = min(64, _pow2(channels))
-        grid = (layout.num_blocks, triton.cdiv(channels, block_c), batch)
-        _merge_kernel[grid](
-            tokens, self.slot_index, merged, self.sizes, self._log_sizes,
-            num_tokens, channels, layout.num_merged, _TINY,
-            **_geometry(layout),
-            WRITE_SIZES=write_sizes,
-            BLOCK_S=_pow2(layout.anchors_per_block),
-            BLOCK_T=min(64, _pow2(layout.tokens_per_block)),
-            BLOCK_C=block_c,
-            PRECISION=_precision(tokens.dtype),
-        )
+        sizes = log_sizes = None
+        if self.sizes is None:  # the first merge writes the slots' sizes too
+            sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
+            log_sizes = torch.empty_like(sizes)
+        _launch(*_merge_call(tokens, self.slot_index, merged, sizes, log_sizes, layout))
+        if sizes is not None:
+            self.sizes, self._log_sizes = sizes, log_sizes
         if self._source is tokens:
             self._source_merged = merged
         return merged
@@ -192,12 +184,7 @@ class SlotPlan:
         batch, _, channels = merged.shape
         num_tokens = self.layout.num_tokens
         restored = torch.empty(batch, num_tokens, channels, device=merged.device, dtype=merged.dtype)
-        block_t, block_c = 32, min(64, _pow2(channels))
-        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)
-        _restore_kernel[grid](
-            merged, self.slot_index, restored, num_tokens, channels, self.layout.num_merged,
-            BLOCK_T=block_t, BLOCK_C=block_c,
-        )
+        _launch(*_restore_call(merged, self.slot_index, restored))
         return restored
 
     def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
@@ -235,25 +222,120 @@ def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float) -> SlotPlan:
     x = x.contiguous()
     batch, num_tokens, channels = x.shape
     slot_index = torch.empty(batch, num_tokens, device=x.device, dtype=torch.int32)
+    _launch(*_assign_call(x, slot_index, layout, tau))
+    return SlotPlan(layout, slot_index, _source=x)
+
+
+def compile_ahead(
+    layout: MergeLayout, channels: int, dtype: torch.dtype, *, tau: float = 0.0, capability: int = 90
+) -> dict:
+    """Compile the three kernels, as a merge on ``layout`` with ``channels`` and ``dtype``
+    launches them, for CUDA compute capability ``capability`` (90: Hopper, 80: Ampere): no
+    GPU needed. Returns ``{kernel name: triton CompiledKernel}`` (``.asm["ptx"]``,
+    ``.asm["cubin"]``); raises what Triton's compiler raises. The tests use it to check on a
+    CPU what the interpreter cannot: that the kernels compile for real GPUs.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    def meta(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=kind)
+
+    batch, num_tokens, num_merged = 2, layout.num_tokens, layout.num_merged
+    tokens, slots = meta(batch, num_tokens, channels), meta(batch, num_tokens, kind=torch.int32)
+    merged, sizes = meta(batch, num_merged, channels), meta(batch, num_merged, kind=torch.float32)
+    calls = {
+        "assign": _assign_call(tokens, slots, layout, tau),
+        "merge": _merge_call(tokens, slots, merged, sizes, sizes, layout),
+        "restore": _restore_call(merged, slots, tokens),
+    }
+    target = GPUTarget("cuda", capability, 32)
+    compiled = {}
+    for name, (kernel, _, arguments, options) in calls.items():
+        function = getattr(kernel, "fn", kernel)  # the Python function, even when interpreted
+        function = function.fn if isinstance(function, JITFunction) else function
+        parameters = inspect.signature(function).parameters
+        constants = {k: v for k, v in arguments.items() if "constexpr" in str(parameters[k].annotation)}
+        signature = {k: ("constexpr" if k in constants else _triton_type(v)) for k, v in arguments.items()}
+        source = ASTSource(fn=JITFunction(function), signature=signature, constexprs=constants)
+        compiled[name] = triton.compile(source, target=target, options=options)
+    return compiled
+
+
+def _triton_type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+        return "*" + names[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    return "i32" if isinstance(value, int) else "fp32"
+
+
+# -- launches: each kernel's grid and arguments, shared by the launch and ahead-of-time compiling
+
+
+def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
+    kernel[grid](**arguments, **options)
+
+
+def _assign_call(x: torch.Tensor, slot_index: torch.Tensor, layout: MergeLayout, tau: float):
+    batch, num_tokens, channels = x.shape
     if tau >= 1.0:
         tau_mode = 2  # every token keeps its own anchor
     elif tau > -1.0:
         tau_mode = 1  # the own anchor's score is raised to tau times the token's norm
     else:
         tau_mode = 0  # the best candidate, whatever its similarity
-    block_t = min(64, _pow2(layout.tokens_per_block))
+    block_k = _pow2(layout.num_candidates)
+    # Score tiles of at most 64 x 64: larger ones spill registers.
+    block_t = max(16, min(64, 4096 // block_k, _pow2(layout.tokens_per_block)))
     grid = (layout.num_blocks, triton.cdiv(layout.tokens_per_block, block_t), batch)
-    _assign_kernel[grid](
-        x, slot_index, num_tokens, channels, float(tau), _OWN_BONUS,
-        **_geometry(layout),
-        TAU_MODE=tau_mode,
-        NEEDS_NORMS=tau_mode == 1 and tau != 0.0,
-        BLOCK_T=block_t,
-        BLOCK_K=_pow2(layout.num_candidates),
-        BLOCK_C=min(64, _pow2(channels)),
-        PRECISION=_precision(x.dtype),
-    )
-    return SlotPlan(layout, slot_index, _source=x)
+    arguments = {
+        "x_ptr": x, "slot_ptr": slot_index, "N": num_tokens, "C": channels, "tau": float(tau),
+        "own_bonus": _OWN_BONUS, **_geometry(layout),
+        "TAU_MODE": tau_mode,
+        "NEEDS_NORMS": tau_mode == 1 and tau != 0.0,
+        "BLOCK_T": block_t,
+        "BLOCK_K": block_k,
+        "BLOCK_C": min(64, _pow2(channels)),
+        "PRECISION": _precision(x.dtype),
+    }
+    # Eight warps: with four, the score tile and the pipelined loads spill registers (sm_90).
+    return _assign_kernel, grid, arguments, {"num_warps": 8}
+
+
+def _merge_call(
+    tokens: torch.Tensor, slot_index: torch.Tensor, merged: torch.Tensor,
+    sizes: torch.Tensor | None, log_sizes: torch.Tensor | None, layout: MergeLayout,
+):
+    batch, num_tokens, channels = tokens.shape
+    write_sizes = sizes is not None
+    block_c = min(64, _pow2(channels))
+    grid = (layout.num_blocks, triton.cdiv(channels, block_c), batch)
+    arguments = {
+        "x_ptr": tokens, "slot_ptr": slot_index, "out_ptr": merged,
+        # Never written when WRITE_SIZES is off: any pointer will do.
+        "sizes_ptr": sizes if write_sizes else merged, "log_sizes_ptr": log_sizes if write_sizes else merged,
+        "N": num_tokens, "C": channels, "M": layout.num_merged, "tiny": _TINY, **_geometry(layout),
+        "WRITE_SIZES": write_sizes,
+        "BLOCK_S": _pow2(layout.anchors_per_block),
+        "BLOCK_T": min(64, _pow2(layout.tokens_per_block)),
+        "BLOCK_C": block_c,
+        "PRECISION": _precision(tokens.dtype),
+    }
+    return _merge_kernel, grid, arguments, {"num_warps": 4}
+
+
+def _restore_call(merged: torch.Tensor, slot_index: torch.Tensor, restored: torch.Tensor):
+    batch, num_tokens, channels = restored.shape
+    block_t, block_c = 32, min(64, _pow2(channels))
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)
+    arguments = {
+        "merged_ptr": merged, "slot_ptr": slot_index, "out_ptr": restored,
+        "N": num_tokens, "C": channels, "M": merged.shape[1], "BLOCK_T": block_t, "BLOCK_C": block_c,
+    }
+    return _restore_kernel, grid, arguments, {"num_warps": 4}
 
 
 if triton is not None:
@@ -338,7 +420,7 @@ if triton is not None:
         sums = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
         counts = tl.zeros((BLOCK_S,), dtype=tl.float32)
         # Tokens that may have chosen these slots lie in this block or a neighbouring one.
-        for neighbour in tl.static_range(9):
+        for neighbour in range(9):
             other_row = block_row + neighbour // 3 - 1
             other_col = block_col + neighbour % 3 - 1
             inside = (other_row >= 0) & (other_row < blocks_h) & (other_col >= 0) & (other_col < blocks_w)

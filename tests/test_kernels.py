@@ -3,6 +3,11 @@ interpreter on a CPU (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` where th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -62,18 +67,31 @@ def test_kernels_plan_merge_and_restore_as_the_torch_path(hw, ratio, tau, channe
     assert torch.equal(plan.restore(outputs), reference.restore(outputs))
 
 
+def means_by_slot(x: torch.Tensor, slot_index: torch.Tensor, num_merged: int) -> torch.Tensor:
+    """Each slot's mean of the tokens whose index names it (index ops: a test reference)."""
+    sums = torch.zeros(x.shape[0], num_merged, x.shape[-1], dtype=torch.float64, device=x.device)
+    sums.scatter_add_(1, slot_index.long()[..., None].expand(-1, -1, x.shape[-1]), x.double())
+    counts = torch.zeros(x.shape[0], num_merged, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, slot_index.long(), torch.ones_like(slot_index, dtype=torch.float64))
+    return sums / counts.clamp_min(1)[..., None]
+
+
 def test_kernels_in_half_precision_and_with_identical_tokens():
-    # Half precision, and a grid of repeated tokens: every token ties with its own anchor and
-    # others, and the tie-break must keep it in its own cell, as the torch path does.
+    # Half precision, and a grid of repeated tokens: they tie with their own anchor and with
+    # others, and the tie-break must keep them in their own cell, as the torch path does.
     torch.manual_seed(1)
     hw, ratio = (16, 16), 0.75
     x = torch.randn(2, 256, 32, device=DEVICE).half()
     x[:, 128:] = x[:, :1]
     layout = merge_layout(hw, ratio)
-    reference = plan_merge(x, hw, ratio=ratio)
+    reference = torch_slots(plan_merge(x, hw, ratio=ratio))
     plan = kernels.plan_slots(x, layout, tau=0.0)
-    assert torch.equal(plan.slot_index, torch_slots(reference))
-    torch.testing.assert_close(plan.merge(x), reference.merge(x), rtol=2e-3, atol=2e-3)
+    # The torch path rounds scores to half precision on a GPU, the kernel keeps float32: a
+    # near-tie may go the other way there.
+    assert (plan.slot_index == reference).float().mean() >= (1.0 if DEVICE == "cpu" else 0.98)
+    assert torch.equal(plan.slot_index[:, 128:], reference[:, 128:])  # the tied tokens break ties alike
+    expected = means_by_slot(x, plan.slot_index, layout.num_merged)
+    torch.testing.assert_close(plan.merge(x).double(), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_merging_the_planned_tokens_again_reuses_the_first_merge():
@@ -152,3 +170,30 @@ def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, setting
     assert not torch.equal(outputs["torch"], stock)  # it merged
     assert planned  # with the kernels
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-5)
+
+
+COMPILE = """
+import json, sys, torch
+from mame_diffusers import MaMeConfig, kernels, merge_layout
+layout = merge_layout((96, 96), MaMeConfig().kv_ratio)
+report = []
+for dtype, capability in [(torch.float16, 90), (torch.bfloat16, 80), (torch.float32, 90)]:
+    compiled = kernels.compile_ahead(layout, 320, dtype, capability=capability)
+    for name, kernel in compiled.items():
+        report.append([str(dtype), capability, name, kernel.asm["ptx"].count(f".target sm_{capability}"),
+                       len(kernel.asm["cubin"])])
+json.dump(report, sys.stdout)
+"""
+
+
+def test_kernels_compile_for_gpus_without_one():
+    # The interpreter runs the kernels' Python, not Triton's compiler: compile them for a
+    # Hopper (sm_90) and an Ampere (sm_80) GPU as a 768x768 SD 2.1 latent launches them. In a
+    # process of its own: Triton's compiler does not run where its interpreter is on.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert len(report) == 9
+    for dtype, capability, name, targets, cubin_bytes in report:
+        assert targets == 1 and cubin_bytes > 1000, (dtype, capability, name)
