@@ -197,3 +197,19 @@ def test_kernels_compile_for_gpus_without_one():
     assert len(report) == 9
     for dtype, capability, name, targets, cubin_bytes in report:
         assert targets == 1 and cubin_bytes > 1000, (dtype, capability, name)
+
+
+def test_compiled_unets_trace_the_torch_path_in_one_graph(monkeypatch):
+    # Under torch.compile the torch path is traced (and fused by the compiler), whatever the
+    # backend: one graph, no kernel launch of ours.
+    from .graphs import assert_one_graph
+
+    planned = []
+    monkeypatch.setattr(kernels, "plan_slots", lambda *a, **k: planned.append(1))
+    unet = build_unet("tiny-sd", seed=0)
+    apply_mame(unet, ratio=0.5, backend="triton", min_latent_tokens=0)
+    try:
+        assert_one_graph(unet, **unet_inputs(unet, (16, 16)))
+    finally:
+        remove_mame(unet)
+    assert not planned
