@@ -25,7 +25,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ from .merging import (
     is_number,
 )
 from .per_thread import PerThread
+
+if TYPE_CHECKING:  # the kernels import triton: only where backend="triton" asks for them
+    from .kernels import SlotPlan
 
 __all__ = [
     "DEFAULT_MAX_DOWNSAMPLE",
@@ -120,8 +123,8 @@ class MaMeConfig(OperatorSettings):
     default operator (strided anchors, hard assignment, any ``tau``, copy restore) and
     takes no other; it has no backward pass. The torch path still runs where the kernels
     do not apply: under ``torch.compile`` (which traces and fuses it), in deep stacks'
-    self-attention (weighted tokens), and on grids whose sides are not multiples of the
-    anchor cells. Not timed on a GPU yet, so not the default.
+    self-attention (weighted tokens), and on grids that the blocks do not tile (sides that
+    are not multiples of 8, in general). Not timed on a GPU yet, so not the default.
 
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
@@ -193,7 +196,7 @@ class MaMeConfig(OperatorSettings):
 
     def plan_on(
         self, tokens: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None = None
-    ) -> MergePlan:
+    ) -> MergePlan | SlotPlan:
         """The plan of ``tokens`` on ``layout``: the Triton kernels' where ``backend`` asks
         for them and they apply (see the class docstring), else the torch path's."""
         if self.backend == "triton" and sizes is None and not torch.compiler.is_compiling():
@@ -233,7 +236,7 @@ class _StackState:
     with it after the stack), the tokens entering the stack, what they merged into, and the
     keys/values plans shared by the stack's self-attentions."""
 
-    plan: MergePlan
+    plan: MergePlan | SlotPlan
     input: torch.Tensor
     merged: torch.Tensor
     plans: dict = field(default_factory=dict)
@@ -494,12 +497,12 @@ class MaMeProcessor:
 
     def _plan(
         self, tokens: torch.Tensor, hw: tuple[int, int], ratio_name: str, sizes: torch.Tensor | None
-    ) -> MergePlan:
+    ) -> MergePlan | SlotPlan:
         """A merge plan for ``tokens`` at the config's ``ratio_name``: made here, or shared
         with the other blocks of this level."""
         config = self.config
 
-        def make() -> MergePlan:
+        def make() -> MergePlan | SlotPlan:
             return config.plan_on(tokens, config.layout(hw, ratio_name), sizes)
 
         if self._grid is None or not config.reuse_plans:

@@ -19,8 +19,8 @@ with a plan in one:
 
 Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs and
 under ``torch.compile``): strided anchors, hard assignment with any ``tau``, copy restore,
-no token sizes, on layouts with equal anchor cells (every latent whose sides are multiples
-of the block). The scores differ only in rounding (float32 accumulation here, the input's
+no token sizes, on layouts whose blocks tile the grid without padding (every SD and SDXL
+latent at 512, 768, 1024 and 2048 at the default ratios). The scores differ only in rounding (float32 accumulation here, the input's
 dtype in the torch path), so a near-tie may go the other way. The tests run the kernels in
 Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU against the torch path.
 
@@ -72,9 +72,9 @@ def interpreted() -> bool:
 
 
 def supports(layout: MergeLayout) -> bool:
-    """Whether the kernels handle this layout: equal anchor cells (no block padding) and at
-    most :data:`MAX_CANDIDATES` candidates per block (global layouts have too many)."""
-    return layout.uniform_cells and layout.num_candidates <= MAX_CANDIDATES
+    """Whether the kernels handle this layout: blocks that tile the grid exactly (no padding)
+    and at most :data:`MAX_CANDIDATES` candidates per block (global layouts have too many)."""
+    return not layout.padded and layout.num_candidates <= MAX_CANDIDATES
 
 
 def _check_device(tensor: torch.Tensor) -> None:
@@ -103,9 +103,6 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _geometry(layout: MergeLayout) -> dict:
     """The layout's integers the kernels take (all static for a layout)."""
-    cell_h, cell_w = layout.block_h // layout.anchors_h, layout.block_w // layout.anchors_w
-    # The middle token of each cell, as the torch path's strided anchors.
-    anchor_row, anchor_col = divmod((cell_h * cell_w + 1) // 2 - 1, cell_w)
     return {
         "W": layout.width,
         "Hm": layout.merged_hw[0],
@@ -116,10 +113,6 @@ def _geometry(layout: MergeLayout) -> dict:
         "blocks_w": layout.blocks_w,
         "anchors_h": layout.anchors_h,
         "anchors_w": layout.anchors_w,
-        "cell_h": cell_h,
-        "cell_w": cell_w,
-        "anchor_row": anchor_row,
-        "anchor_col": anchor_col,
         "halo_h": layout.halo_h,
         "halo_w": layout.halo_w,
         "window_w": layout.window_w,
@@ -215,7 +208,10 @@ def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float) -> SlotPlan:
     """The plan of :func:`~mame_diffusers.plan_merge` with strided anchors, hard assignment
     and ``tau`` on a layout the kernels :func:`supports`, as a :class:`SlotPlan`; one kernel."""
     if not supports(layout):
-        raise ValueError(f"the triton kernels need equal anchor cells and at most {MAX_CANDIDATES} candidates per block")
+        raise ValueError(
+            f"the triton kernels need blocks that tile the grid (no padding) and at most {MAX_CANDIDATES} "
+            "candidates per block"
+        )
     if x.ndim != 3 or x.shape[1] != layout.num_tokens:
         raise ValueError(f"x must have shape (batch, {layout.num_tokens}, channels), got {tuple(x.shape)}")
     _check_device(x)
@@ -343,8 +339,8 @@ if triton is not None:
     @triton.jit
     def _assign_kernel(
         x_ptr, slot_ptr, N, C, tau, own_bonus,
-        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, cell_h, cell_w,
-        anchor_row, anchor_col, halo_h, halo_w, window_w, num_candidates, tokens_per_block,
+        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w,
+        halo_h, halo_w, window_w, num_candidates, tokens_per_block,
         TAU_MODE: tl.constexpr, NEEDS_NORMS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -362,7 +358,12 @@ if triton is not None:
         cell_row = block_row * anchors_h - halo_h + k // window_w
         cell_col = block_col * anchors_w - halo_w + k % window_w
         valid = (k < num_candidates) & (cell_row >= 0) & (cell_row < Hm) & (cell_col >= 0) & (cell_col < Wm)
-        anchor = (cell_row * cell_h + anchor_row) * W + cell_col * cell_w + anchor_col
+        # Each candidate cell's anchor: its middle token (row-major), as the torch path's
+        # strided anchors; cells may differ in size by one row or column.
+        top, height = _cell_span(cell_row, block_h, anchors_h)
+        left, width = _cell_span(cell_col, block_w, anchors_w)
+        middle = (height * width + 1) // 2 - 1
+        anchor = (top + middle // width) * W + left + middle % width
 
         base = x_ptr + batch * N * C
         dots = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -382,7 +383,7 @@ if triton is not None:
 
         # Cosine times the token's norm (F.normalize on the anchors, as the torch path).
         score = dots / tl.maximum(tl.sqrt(anchor_squares), 1e-12)[None, :]
-        own_k = (row // cell_h + halo_h) * window_w + col // cell_w + halo_w
+        own_k = (row * anchors_h // block_h + halo_h) * window_w + col * anchors_w // block_w + halo_w
         own = k[None, :] == own_k[:, None]
         score = tl.where(own, score + own_bonus, score)
         if TAU_MODE == 1:
@@ -398,10 +399,19 @@ if triton is not None:
         tl.store(slot_ptr + batch * N + token, slot.to(tl.int32), mask=t_ok)
 
     @triton.jit
+    def _cell_span(cell, block, anchors):
+        """First grid row (or column) and size of the anchor cells ``cell`` (counted on the
+        merged grid): token ``i`` of a block lies in cell ``i * anchors // block``."""
+        local = cell % anchors
+        start = (local * block + anchors - 1) // anchors
+        end = ((local + 1) * block + anchors - 1) // anchors
+        return (cell // anchors) * block + start, end - start
+
+    @triton.jit
     def _merge_kernel(
         x_ptr, slot_ptr, out_ptr, sizes_ptr, log_sizes_ptr, N, C, M, tiny,
-        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w, cell_h, cell_w,
-        anchor_row, anchor_col, halo_h, halo_w, window_w, num_candidates, tokens_per_block,
+        W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w,
+        halo_h, halo_w, window_w, num_candidates, tokens_per_block,
         WRITE_SIZES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr,
     ):

@@ -39,6 +39,10 @@ CASES = [
     ((16, 24), 0.75, 0.3, 72),
     ((16, 16), 0.75, 1.0, 24),
     ((12, 12), 0.75, 0.0, 24),  # blocks of 6 x 6 tokens, 3 x 3 anchors: partly filled tiles
+    # Cells of unequal sizes: 3 x 3 anchors in blocks of 8, 5 x 5 in 8, 4 x 3 in 7.
+    ((16, 16), 0.84, 0.0, 24),
+    ((24, 16), 0.6, 0.2, 16),
+    ((14, 14), 0.75, -1.0, 16),
 ]
 
 
@@ -101,14 +105,14 @@ def test_merging_the_planned_tokens_again_reuses_the_first_merge():
 
 
 def test_unsupported_layouts_and_settings_take_the_torch_path_or_raise():
-    # A grid that does not divide into equal cells (padded blocks), and a global layout.
+    # A grid that blocks do not tile (13 = 7 + 6: padded blocks), and a global layout.
     padded = merge_layout((13, 13), 0.75)
     assert not kernels.supports(padded)
     assert not kernels.supports(merge_layout((64, 64), 0.75, block=None))  # 1,024 candidates
     config = MaMeConfig(backend="triton")
     x = torch.randn(1, 169, 8, device=DEVICE)
     assert isinstance(config.plan_on(x, padded), MergePlan)
-    with pytest.raises(ValueError, match="equal anchor cells"):
+    with pytest.raises(ValueError, match="blocks that tile the grid"):
         kernels.plan_slots(x, padded, tau=0.0)
     # Weighted tokens (inside deep stacks) take the torch path too.
     square = merge_layout((16, 16), 0.75)
