@@ -122,9 +122,9 @@ class MaMeConfig(OperatorSettings):
     or restore, instead of the torch path's some 27. It computes the same plan for the
     default operator (strided anchors, hard assignment, any ``tau``, copy restore) and
     takes no other; it has no backward pass. The torch path still runs where the kernels
-    do not apply: under ``torch.compile`` (which traces and fuses it), in deep stacks'
-    self-attention (weighted tokens), and on grids that the blocks do not tile (sides that
-    are not multiples of 8, in general). Not timed on a GPU yet, so not the default.
+    do not apply: under ``torch.compile`` (which traces and fuses it), and on grids that the
+    blocks do not tile (sides that are not multiples of 8, in general). Not timed on a GPU
+    yet, so not the default.
 
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
@@ -199,11 +199,11 @@ class MaMeConfig(OperatorSettings):
     ) -> MergePlan | SlotPlan:
         """The plan of ``tokens`` on ``layout``: the Triton kernels' where ``backend`` asks
         for them and they apply (see the class docstring), else the torch path's."""
-        if self.backend == "triton" and sizes is None and not torch.compiler.is_compiling():
+        if self.backend == "triton" and not torch.compiler.is_compiling():
             from . import kernels
 
             if kernels.supports(layout):
-                return kernels.plan_slots(tokens, layout, tau=self.tau)
+                return kernels.plan_slots(tokens, layout, tau=self.tau, sizes=sizes)
         return super().plan_on(tokens, layout, sizes)
 
     def merges_call(self, latent_tokens: int, device: torch.device) -> bool:

@@ -58,6 +58,7 @@ MAX_CANDIDATES = 256
 _OWN_BONUS = 64 * torch.finfo(torch.float32).eps
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_TINY = math.log(_TINY)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available() -> bool:
@@ -66,9 +67,9 @@ def available() -> bool:
 
 
 def interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when triton
-    was imported): on CPU tensors, for tests."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs these kernels in its interpreter, on CPU tensors (for tests):
+    ``TRITON_INTERPRET=1`` when this module was imported, which is when Triton decided."""
+    return _INTERPRETED
 
 
 def supports(layout: MergeLayout) -> bool:
@@ -118,6 +119,8 @@ def _geometry(layout: MergeLayout) -> dict:
         "window_w": layout.window_w,
         "num_candidates": layout.num_candidates,
         "tokens_per_block": layout.tokens_per_block,
+        # The most tokens one anchor cell holds.
+        "cell_tokens": -(-layout.block_h // layout.anchors_h) * -(-layout.block_w // layout.anchors_w),
     }
 
 
@@ -132,6 +135,9 @@ class SlotPlan:
     layout: MergeLayout
     #: ``(B, N)`` int32: the merged slot (row-major on ``merged_hw``) each token joins.
     slot_index: torch.Tensor
+    #: ``(B, N)`` float32 weights of the tokens (how many tokens each stands for; 0: none),
+    #: or ``None``: every token weighs 1.
+    weights: torch.Tensor | None = None
     #: ``(B, M)`` float32: how many tokens each slot stands for (0 for an empty slot); set by
     #: the first merge.
     sizes: torch.Tensor | None = None
@@ -162,7 +168,7 @@ class SlotPlan:
         if self.sizes is None:  # the first merge writes the slots' sizes too
             sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
             log_sizes = torch.empty_like(sizes)
-        _launch(*_merge_call(tokens, self.slot_index, merged, sizes, log_sizes, layout))
+        _launch(*_merge_call(tokens, self.weights, self.slot_index, merged, sizes, log_sizes, layout))
         if sizes is not None:
             self.sizes, self._log_sizes = sizes, log_sizes
         if self._source is tokens:
@@ -204,9 +210,10 @@ class SlotPlan:
             )
 
 
-def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float) -> SlotPlan:
-    """The plan of :func:`~mame_diffusers.plan_merge` with strided anchors, hard assignment
-    and ``tau`` on a layout the kernels :func:`supports`, as a :class:`SlotPlan`; one kernel."""
+def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch.Tensor | None = None) -> SlotPlan:
+    """The plan of :func:`~mame_diffusers.plan_merge` with strided anchors, hard assignment,
+    ``tau`` and optional token ``sizes`` ``(B, N)`` on a layout the kernels :func:`supports`,
+    as a :class:`SlotPlan`; one kernel."""
     if not supports(layout):
         raise ValueError(
             f"the triton kernels need blocks that tile the grid (no padding) and at most {MAX_CANDIDATES} "
@@ -217,17 +224,28 @@ def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float) -> SlotPlan:
     _check_device(x)
     x = x.contiguous()
     batch, num_tokens, channels = x.shape
+    weights = None
+    if sizes is not None:
+        if tuple(sizes.shape) != (batch, num_tokens):
+            raise ValueError(f"sizes must have shape {(batch, num_tokens)}, got {tuple(sizes.shape)}")
+        weights = sizes.to(torch.float32).contiguous()
     slot_index = torch.empty(batch, num_tokens, device=x.device, dtype=torch.int32)
-    _launch(*_assign_call(x, slot_index, layout, tau))
-    return SlotPlan(layout, slot_index, _source=x)
+    _launch(*_assign_call(x, weights, slot_index, layout, tau))
+    return SlotPlan(layout, slot_index, weights, _source=x)
 
 
 def compile_ahead(
-    layout: MergeLayout, channels: int, dtype: torch.dtype, *, tau: float = 0.0, capability: int = 90
+    layout: MergeLayout,
+    channels: int,
+    dtype: torch.dtype,
+    *,
+    tau: float = 0.0,
+    weighted: bool = False,
+    capability: int = 90,
 ) -> dict:
     """Compile the three kernels, as a merge on ``layout`` with ``channels`` and ``dtype``
-    launches them, for CUDA compute capability ``capability`` (90: Hopper, 80: Ampere): no
-    GPU needed. Returns ``{kernel name: triton CompiledKernel}`` (``.asm["ptx"]``,
+    launches them (``weighted``: with token sizes), for CUDA compute capability
+    ``capability`` (90: Hopper, 80: Ampere): no GPU needed. Returns ``{kernel name: triton CompiledKernel}`` (``.asm["ptx"]``,
     ``.asm["cubin"]``); raises what Triton's compiler raises. The tests use it to check on a
     CPU what the interpreter cannot: that the kernels compile for real GPUs.
     """
@@ -241,9 +259,10 @@ def compile_ahead(
     batch, num_tokens, num_merged = 2, layout.num_tokens, layout.num_merged
     tokens, slots = meta(batch, num_tokens, channels), meta(batch, num_tokens, kind=torch.int32)
     merged, sizes = meta(batch, num_merged, channels), meta(batch, num_merged, kind=torch.float32)
+    weights = meta(batch, num_tokens, kind=torch.float32) if weighted else None
     calls = {
-        "assign": _assign_call(tokens, slots, layout, tau),
-        "merge": _merge_call(tokens, slots, merged, sizes, sizes, layout),
+        "assign": _assign_call(tokens, weights, slots, layout, tau),
+        "merge": _merge_call(tokens, weights, slots, merged, sizes, sizes, layout),
         "restore": _restore_call(merged, slots, tokens),
     }
     target = GPUTarget("cuda", capability, 32)
@@ -275,7 +294,9 @@ def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> No
     kernel[grid](**arguments, **options)
 
 
-def _assign_call(x: torch.Tensor, slot_index: torch.Tensor, layout: MergeLayout, tau: float):
+def _assign_call(
+    x: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: MergeLayout, tau: float
+):
     batch, num_tokens, channels = x.shape
     if tau >= 1.0:
         tau_mode = 2  # every token keeps its own anchor
@@ -288,13 +309,16 @@ def _assign_call(x: torch.Tensor, slot_index: torch.Tensor, layout: MergeLayout,
     block_t = max(16, min(64, 4096 // block_k, _pow2(layout.tokens_per_block)))
     grid = (layout.num_blocks, triton.cdiv(layout.tokens_per_block, block_t), batch)
     arguments = {
-        "x_ptr": x, "slot_ptr": slot_index, "N": num_tokens, "C": channels, "tau": float(tau),
-        "own_bonus": _OWN_BONUS, **_geometry(layout),
+        # Never read without WEIGHTED: any pointer will do.
+        "x_ptr": x, "weights_ptr": x if weights is None else weights, "slot_ptr": slot_index,
+        "N": num_tokens, "C": channels, "tau": float(tau), "own_bonus": _OWN_BONUS, **_geometry(layout),
         "TAU_MODE": tau_mode,
         "NEEDS_NORMS": tau_mode == 1 and tau != 0.0,
+        "WEIGHTED": weights is not None,
         "BLOCK_T": block_t,
         "BLOCK_K": block_k,
-        "BLOCK_C": min(64, _pow2(channels)),
+        # Chunks of 32 channels: with 64, the pipelined loads of the anchors spill registers.
+        "BLOCK_C": min(32, _pow2(channels)),
         "PRECISION": _precision(x.dtype),
     }
     # Eight warps: with four, the score tile and the pipelined loads spill registers (sm_90).
@@ -302,7 +326,7 @@ def _assign_call(x: torch.Tensor, slot_index: torch.Tensor, layout: MergeLayout,
 
 
 def _merge_call(
-    tokens: torch.Tensor, slot_index: torch.Tensor, merged: torch.Tensor,
+    tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, merged: torch.Tensor,
     sizes: torch.Tensor | None, log_sizes: torch.Tensor | None, layout: MergeLayout,
 ):
     batch, num_tokens, channels = tokens.shape
@@ -310,13 +334,16 @@ def _merge_call(
     block_c = min(64, _pow2(channels))
     grid = (layout.num_blocks, triton.cdiv(channels, block_c), batch)
     arguments = {
-        "x_ptr": tokens, "slot_ptr": slot_index, "out_ptr": merged,
-        # Never written when WRITE_SIZES is off: any pointer will do.
+        # Pointers the kernel never touches (without WEIGHTED, or WRITE_SIZES) may be any.
+        "x_ptr": tokens, "weights_ptr": tokens if weights is None else weights, "slot_ptr": slot_index,
+        "out_ptr": merged,
         "sizes_ptr": sizes if write_sizes else merged, "log_sizes_ptr": log_sizes if write_sizes else merged,
         "N": num_tokens, "C": channels, "M": layout.num_merged, "tiny": _TINY, **_geometry(layout),
         "WRITE_SIZES": write_sizes,
+        "WEIGHTED": weights is not None,
         "BLOCK_S": _pow2(layout.anchors_per_block),
-        "BLOCK_T": min(64, _pow2(layout.tokens_per_block)),
+        # Weighted sums are float32 products, whose operands take twice the registers.
+        "BLOCK_T": min(32 if weights is not None else 64, _pow2(layout.tokens_per_block)),
         "BLOCK_C": block_c,
         "PRECISION": _precision(tokens.dtype),
     }
@@ -338,10 +365,10 @@ if triton is not None:
 
     @triton.jit
     def _assign_kernel(
-        x_ptr, slot_ptr, N, C, tau, own_bonus,
+        x_ptr, weights_ptr, slot_ptr, N, C, tau, own_bonus,
         W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w,
-        halo_h, halo_w, window_w, num_candidates, tokens_per_block,
-        TAU_MODE: tl.constexpr, NEEDS_NORMS: tl.constexpr,
+        halo_h, halo_w, window_w, num_candidates, tokens_per_block, cell_tokens,
+        TAU_MODE: tl.constexpr, NEEDS_NORMS: tl.constexpr, WEIGHTED: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
     ):
         block = tl.program_id(0)
@@ -360,10 +387,30 @@ if triton is not None:
         valid = (k < num_candidates) & (cell_row >= 0) & (cell_row < Hm) & (cell_col >= 0) & (cell_col < Wm)
         # Each candidate cell's anchor: its middle token (row-major), as the torch path's
         # strided anchors; cells may differ in size by one row or column.
-        top, height = _cell_span(cell_row, block_h, anchors_h)
-        left, width = _cell_span(cell_col, block_w, anchors_w)
+        # (Candidates past the grid's edge take the nearest cell: no division by zero.)
+        top, height = _cell_span(tl.minimum(tl.maximum(cell_row, 0), Hm - 1), block_h, anchors_h)
+        left, width = _cell_span(tl.minimum(tl.maximum(cell_col, 0), Wm - 1), block_w, anchors_w)
         middle = (height * width + 1) // 2 - 1
         anchor = (top + middle // width) * W + left + middle % width
+        if WEIGHTED:
+            # The middle one of the cell's tokens that weigh something; a cell without any
+            # has no anchor.
+            present_count = tl.zeros((BLOCK_K,), dtype=tl.int32)
+            for position in range(0, cell_tokens):
+                member = (top + position // width) * W + left + position % width
+                inside = valid & (position < height * width)
+                weight = tl.load(weights_ptr + batch * N + member, mask=inside, other=0.0)
+                present_count += (weight > 0).to(tl.int32)
+            target = (present_count + 1) // 2
+            rank = tl.zeros((BLOCK_K,), dtype=tl.int32)
+            for position in range(0, cell_tokens):
+                member = (top + position // width) * W + left + position % width
+                inside = valid & (position < height * width)
+                weight = tl.load(weights_ptr + batch * N + member, mask=inside, other=0.0)
+                present = weight > 0
+                rank += present.to(tl.int32)
+                anchor = tl.where(present & (rank == target), member, anchor)
+            valid = valid & (present_count > 0)
 
         base = x_ptr + batch * N * C
         dots = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -386,6 +433,9 @@ if triton is not None:
         own_k = (row * anchors_h // block_h + halo_h) * window_w + col * anchors_w // block_w + halo_w
         own = k[None, :] == own_k[:, None]
         score = tl.where(own, score + own_bonus, score)
+        # Before tau's floor, as in the torch path: the floor may lift an own cell that has
+        # no anchor (its tokens all weigh 0), so that its weightless tokens stay there.
+        score = tl.where(valid[None, :], score, float("-inf"))
         if TAU_MODE == 1:
             floor = tl.zeros((BLOCK_T,), dtype=tl.float32)
             if NEEDS_NORMS:
@@ -393,7 +443,6 @@ if triton is not None:
             score = tl.where(own, tl.maximum(score, floor[:, None]), score)
         if TAU_MODE == 2:
             score = tl.where(own, 0.0, float("-inf"))
-        score = tl.where(valid[None, :], score, float("-inf"))
         best = tl.argmax(score, axis=1)  # ties: the first candidate, as torch.argmax
         slot = (block_row * anchors_h - halo_h + best // window_w) * Wm + block_col * anchors_w - halo_w + best % window_w
         tl.store(slot_ptr + batch * N + token, slot.to(tl.int32), mask=t_ok)
@@ -409,11 +458,11 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(
-        x_ptr, slot_ptr, out_ptr, sizes_ptr, log_sizes_ptr, N, C, M, tiny,
+        x_ptr, weights_ptr, slot_ptr, out_ptr, sizes_ptr, log_sizes_ptr, N, C, M, tiny,
         W, Hm, Wm, block_h, block_w, blocks_h, blocks_w, anchors_h, anchors_w,
-        halo_h, halo_w, window_w, num_candidates, tokens_per_block,
-        WRITE_SIZES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-        PRECISION: tl.constexpr,
+        halo_h, halo_w, window_w, num_candidates, tokens_per_block, cell_tokens,
+        WRITE_SIZES: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
     ):
         block = tl.program_id(0)
         batch = tl.program_id(2).to(tl.int64)
@@ -444,14 +493,23 @@ if triton is not None:
                 chosen = tl.load(slot_ptr + batch * N + token, mask=t_ok, other=-1)
                 hit = chosen[None, :] == slot[:, None]  # (BLOCK_S, BLOCK_T)
                 wanted = tl.max(hit.to(tl.int32), axis=0) > 0
+                if WEIGHTED:
+                    weight = tl.load(weights_ptr + batch * N + token, mask=t_ok, other=0.0)
+                    wanted = wanted & (weight > 0)
                 # Only the tokens that chose one of these slots are read.
                 tokens = tl.load(
                     x_ptr + batch * N * C + token[:, None] * C + channel[None, :],
                     mask=(t_ok & wanted)[:, None] & c_ok[None, :],
                     other=0.0,
                 )
-                sums = tl.dot(hit.to(tokens.dtype), tokens, sums, input_precision=PRECISION)
-                counts += tl.sum(hit.to(tl.float32), axis=1)
+                if WEIGHTED:
+                    # Sizes need not fit the tokens' precision: float32 products.
+                    shares = hit.to(tl.float32) * weight[None, :]
+                    sums = tl.dot(shares, tokens.to(tl.float32), sums, input_precision="ieee")
+                    counts += tl.sum(shares, axis=1)
+                else:
+                    sums = tl.dot(hit.to(tokens.dtype), tokens, sums, input_precision=PRECISION)
+                    counts += tl.sum(hit.to(tl.float32), axis=1)
 
         clamped = tl.maximum(counts, tiny)
         means = sums / clamped[:, None]

@@ -71,6 +71,28 @@ def test_kernels_plan_merge_and_restore_as_the_torch_path(hw, ratio, tau, channe
     assert torch.equal(plan.restore(outputs), reference.restore(outputs))
 
 
+@pytest.mark.parametrize("hw,ratio,tau", [((16, 16), 0.75, 0.0), ((24, 16), 0.6, 0.2), ((16, 16), 0.5, -1.0)])
+def test_kernels_with_token_sizes_as_the_torch_path(hw, ratio, tau):
+    # Merged tokens merged again (deep stacks): sizes of several tokens, fractions, and
+    # weightless slots, some filling whole anchor cells (no anchor there).
+    torch.manual_seed(2)
+    num_tokens = hw[0] * hw[1]
+    x = torch.randn(2, num_tokens, 24, device=DEVICE)
+    sizes = torch.randint(0, 4, (2, num_tokens), device=DEVICE).float()
+    sizes[0, :40] = 0.0
+    sizes[1, 5] = 2.5
+    layout = merge_layout(hw, ratio)
+    reference = plan_merge(x, hw, ratio=ratio, tau=tau, sizes=sizes)
+    plan = kernels.plan_slots(x, layout, tau=tau, sizes=sizes)
+    assert torch.equal(plan.slot_index, torch_slots(reference))
+    torch.testing.assert_close(plan.merge(x), reference.merge(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plan.sizes, reference.sizes.float())
+    assert (plan.sizes == 0).any()  # empty slots, whose bias keeps them out of attention
+    torch.testing.assert_close(plan.attention_bias(torch.float32), reference.attention_bias(torch.float32))
+    other = torch.randn(2, num_tokens, 8, device=DEVICE)
+    torch.testing.assert_close(plan.merge(other), reference.merge(other), rtol=1e-5, atol=1e-5)
+
+
 def means_by_slot(x: torch.Tensor, slot_index: torch.Tensor, num_merged: int) -> torch.Tensor:
     """Each slot's mean of the tokens whose index names it (index ops: a test reference)."""
     sums = torch.zeros(x.shape[0], num_merged, x.shape[-1], dtype=torch.float64, device=x.device)
@@ -114,11 +136,12 @@ def test_unsupported_layouts_and_settings_take_the_torch_path_or_raise():
     assert isinstance(config.plan_on(x, padded), MergePlan)
     with pytest.raises(ValueError, match="blocks that tile the grid"):
         kernels.plan_slots(x, padded, tau=0.0)
-    # Weighted tokens (inside deep stacks) take the torch path too.
     square = merge_layout((16, 16), 0.75)
     tokens = torch.randn(1, 256, 8, device=DEVICE)
-    assert isinstance(config.plan_on(tokens, square, torch.ones(1, 256, device=DEVICE)), MergePlan)
     assert isinstance(config.plan_on(tokens, square), kernels.SlotPlan)
+    assert isinstance(config.plan_on(tokens, square, torch.ones(1, 256, device=DEVICE)), kernels.SlotPlan)
+    with pytest.raises(ValueError, match="sizes must have shape"):
+        kernels.plan_slots(tokens, square, tau=0.0, sizes=torch.ones(1, 255, device=DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -141,7 +164,7 @@ def test_backend_errors_name_what_is_missing(monkeypatch):
     with pytest.raises(RuntimeError, match="no backward pass"):
         kernels.plan_slots(x.requires_grad_(), layout, tau=0.0)
     if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(kernels, "interpreted", lambda: False)
         with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
             kernels.plan_slots(x.detach(), layout, tau=0.0)
     monkeypatch.setattr(kernels, "triton", None)
@@ -152,7 +175,7 @@ def test_backend_errors_name_what_is_missing(monkeypatch):
 @pytest.mark.parametrize("name,hw,settings", [
     ("tiny-sd", (16, 16), {"ratio": 0.5}),
     ("tiny-sd", (16, 16), {"ratio": 0.75, "query_share": 1.0}),
-    # SDXL's shape: a deep stack merged by the kernels, its self-attention by the torch path.
+    # SDXL's shape: a deep stack merged by the kernels, and its self-attention with sizes.
     ("tiny-sdxl", (32, 32), {"ratio": 0.5, "stack_min_layers": 2}),
 ])
 def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, settings, monkeypatch):
@@ -181,8 +204,10 @@ import json, sys, torch
 from mame_diffusers import MaMeConfig, kernels, merge_layout
 layout = merge_layout((96, 96), MaMeConfig().kv_ratio)
 report = []
-for dtype, capability in [(torch.float16, 90), (torch.bfloat16, 80), (torch.float32, 90)]:
-    compiled = kernels.compile_ahead(layout, 320, dtype, capability=capability)
+for dtype, capability, weighted in [
+    (torch.float16, 90, False), (torch.bfloat16, 80, False), (torch.float32, 90, False), (torch.float16, 90, True)
+]:
+    compiled = kernels.compile_ahead(layout, 320, dtype, capability=capability, weighted=weighted)
     for name, kernel in compiled.items():
         report.append([str(dtype), capability, name, kernel.asm["ptx"].count(f".target sm_{capability}"),
                        len(kernel.asm["cubin"])])
@@ -192,13 +217,14 @@ json.dump(report, sys.stdout)
 
 def test_kernels_compile_for_gpus_without_one():
     # The interpreter runs the kernels' Python, not Triton's compiler: compile them for a
-    # Hopper (sm_90) and an Ampere (sm_80) GPU as a 768x768 SD 2.1 latent launches them. In a
+    # Hopper (sm_90) and an Ampere (sm_80) GPU as a 768x768 SD 2.1 latent launches them (and
+    # with token sizes, as in deep stacks). In a
     # process of its own: Triton's compiler does not run where its interpreter is on.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert len(report) == 9
+    assert len(report) == 12
     for dtype, capability, name, targets, cubin_bytes in report:
         assert targets == 1 and cubin_bytes > 1000, (dtype, capability, name)
 
