@@ -10,19 +10,20 @@ with a plan in one:
   tokens with its candidate anchors (one ``tl.dot`` per channel chunk), the anchors' norms,
   the own anchor's tie-break and ``tau``'s floor, then the best candidate. Writes one
   ``int32`` slot index per token: the plan.
-- ``_merge_kernel``: every slot's mean. Per block, the slots of its own anchor cells; it
-  reads the slot indices of its block and the neighbouring ones (a halo reaches at most one
-  block over) and loads only the tokens that chose one of its slots, so each token is read
-  once. Sums are a one-hot ``tl.dot`` with float32 accumulation, in a fixed order: no
-  atomics, deterministic.
+- ``_merge_kernel``: every slot's (size-weighted) mean. Per block, the slots of its own
+  anchor cells; it reads the slot indices of its block and the neighbouring ones (a halo
+  reaches at most one block over) and loads only the tokens that chose one of its slots,
+  so each token is read once. Sums are a one-hot ``tl.dot`` with float32 accumulation, in
+  a fixed order: no atomics, deterministic. The first merge also writes the slots' sizes.
 - ``_restore_kernel``: every token receives its slot's value (MaRe's copy restore).
 
 Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs and
 under ``torch.compile``): strided anchors, hard assignment with any ``tau``, copy restore,
-no token sizes, on layouts whose blocks tile the grid without padding (every SD and SDXL
-latent at 512, 768, 1024 and 2048 at the default ratios). The scores differ only in rounding (float32 accumulation here, the input's
-dtype in the torch path), so a near-tie may go the other way. The tests run the kernels in
-Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU against the torch path.
+optional token sizes, on layouts whose blocks tile the grid without padding (every SD and
+SDXL latent at 512, 768, 1024 and 2048, at any ratio). The scores differ only in rounding
+(float32 accumulation here, the input's dtype in the torch path), so a near-tie may go the
+other way. The tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``) on a
+CPU against the torch path, and compile them for real GPUs with :func:`compile_ahead`.
 
 The kernels launch with the tokens' own ``(B, N, C)`` layout: no reshape, pad or copy
 around them. Inside a kernel, loads and stores at computed addresses are the only indexing;
@@ -32,6 +33,7 @@ about the torch path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .merging import MergeLayout
+from .merging import MergeLayout, PlanGrid
 
 try:  # triton ships with CUDA builds of torch on Linux; CPU builds need `pip install triton`
     import triton
@@ -102,6 +104,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=256)  # layouts are shared (merge_layout): one dict each
 def _geometry(layout: MergeLayout) -> dict:
     """The layout's integers the kernels take (all static for a layout)."""
     return {
@@ -125,7 +128,7 @@ def _geometry(layout: MergeLayout) -> dict:
 
 
 @dataclass
-class SlotPlan:
+class SlotPlan(PlanGrid):
     """A merge plan as one slot index per token, made by :func:`plan_slots`.
 
     It merges, restores and weighs keys as :class:`~mame_diffusers.MergePlan` does for the
@@ -147,12 +150,8 @@ class SlotPlan:
     _biases: dict = field(default_factory=dict, repr=False)
 
     @property
-    def num_merged(self) -> int:
-        return self.layout.num_merged
-
-    @property
-    def merged_hw(self) -> tuple[int, int]:
-        return self.layout.merged_hw
+    def batch_size(self) -> int:
+        return self.slot_index.shape[0]
 
     def merge(self, tokens: torch.Tensor) -> torch.Tensor:
         """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, each slot's mean, in one kernel."""
@@ -200,14 +199,6 @@ class SlotPlan:
                 bias = torch.where(self.sizes > 0, 0.0, _LOG_TINY).to(dtype)
             self._biases[key] = bias
         return bias
-
-    def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
-        expected = (self.slot_index.shape[0], length)
-        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
-            raise ValueError(
-                f"{what} expects a (batch, tokens, channels) tensor with batch and tokens "
-                f"{expected}, got shape {tuple(tensor.shape)}"
-            )
 
 
 def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch.Tensor | None = None) -> SlotPlan:
@@ -287,7 +278,8 @@ def _triton_type(value: object) -> str:
     return "i32" if isinstance(value, int) else "fp32"
 
 
-# -- launches: each kernel's grid and arguments, shared by the launch and ahead-of-time compiling
+# -- launches: each kernel's grid, arguments and options, shared by the launch and
+# ahead-of-time compiling
 
 
 def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
@@ -296,7 +288,7 @@ def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> No
 
 def _assign_call(
     x: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: MergeLayout, tau: float
-):
+) -> tuple:
     batch, num_tokens, channels = x.shape
     if tau >= 1.0:
         tau_mode = 2  # every token keeps its own anchor
@@ -305,7 +297,8 @@ def _assign_call(
     else:
         tau_mode = 0  # the best candidate, whatever its similarity
     block_k = _pow2(layout.num_candidates)
-    # Score tiles of at most 64 x 64: larger ones spill registers.
+    # Score tiles (tokens x candidates) of at most 4096 entries, 64 x 64 or 16 x 256: larger
+    # ones spill registers.
     block_t = max(16, min(64, 4096 // block_k, _pow2(layout.tokens_per_block)))
     grid = (layout.num_blocks, triton.cdiv(layout.tokens_per_block, block_t), batch)
     arguments = {
@@ -321,14 +314,15 @@ def _assign_call(
         "BLOCK_C": min(32, _pow2(channels)),
         "PRECISION": _precision(x.dtype),
     }
-    # Eight warps: with four, the score tile and the pipelined loads spill registers (sm_90).
+    # Eight warps: with four, the score tile and the pipelined loads spill registers (sm_90,
+    # triton 3.9; docs/operator.md, section 3).
     return _assign_kernel, grid, arguments, {"num_warps": 8}
 
 
 def _merge_call(
     tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, merged: torch.Tensor,
     sizes: torch.Tensor | None, log_sizes: torch.Tensor | None, layout: MergeLayout,
-):
+) -> tuple:
     batch, num_tokens, channels = tokens.shape
     write_sizes = sizes is not None
     block_c = min(64, _pow2(channels))
@@ -350,7 +344,7 @@ def _merge_call(
     return _merge_kernel, grid, arguments, {"num_warps": 4}
 
 
-def _restore_call(merged: torch.Tensor, slot_index: torch.Tensor, restored: torch.Tensor):
+def _restore_call(merged: torch.Tensor, slot_index: torch.Tensor, restored: torch.Tensor) -> tuple:
     batch, num_tokens, channels = restored.shape
     block_t, block_c = 32, min(64, _pow2(channels))
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)

@@ -512,8 +512,36 @@ def _layout(height: int, width: int, ratio: float, block: int | None, halo: int)
     return MergeLayout(height, width, height, width, 1, 1, anchors_h, anchors_w, 0, 0)
 
 
+class PlanGrid:
+    """What every merge plan (:class:`MergePlan`, and the Triton kernels' ``SlotPlan``)
+    derives from its ``layout`` and its batch size."""
+
+    layout: MergeLayout
+
+    @property
+    def batch_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_merged(self) -> int:
+        return self.layout.num_merged
+
+    @property
+    def merged_hw(self) -> tuple[int, int]:
+        """The grid the merged tokens lie on, row-major."""
+        return self.layout.merged_hw
+
+    def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
+        expected = (self.batch_size, length)
+        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
+            raise ValueError(
+                f"{what} expects a (batch, tokens, channels) tensor with batch and tokens "
+                f"{expected}, got shape {tuple(tensor.shape)}"
+            )
+
+
 @dataclass
-class MergePlan:
+class MergePlan(PlanGrid):
     """How one set of tokens merges and restores.
 
     Build it with :func:`plan_merge`. ``merge`` and ``restore`` apply to any tensor laid
@@ -545,13 +573,8 @@ class MergePlan:
     _affine_weights: torch.Tensor | None = field(default=None, repr=False)
 
     @property
-    def num_merged(self) -> int:
-        return self.layout.num_merged
-
-    @property
-    def merged_hw(self) -> tuple[int, int]:
-        """The grid the merged tokens lie on, row-major."""
-        return self.layout.merged_hw
+    def batch_size(self) -> int:
+        return self.assignment.shape[0]
 
     def merge(self, tokens: torch.Tensor) -> torch.Tensor:
         """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, the size-weighted mean of each slot."""
@@ -605,14 +628,6 @@ class MergePlan:
                 bias = proportional_attention_bias(self.sizes, dtype, proportional=proportional)
             self._biases[key] = bias
         return bias
-
-    def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
-        expected = (self.assignment.shape[0], length)
-        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
-            raise ValueError(
-                f"{what} expects a (batch, tokens, channels) tensor with batch and tokens "
-                f"{expected}, got shape {tuple(tensor.shape)}"
-            )
 
 
 def plan_merge(
