@@ -83,7 +83,7 @@ def supports(layout: MergeLayout) -> bool:
 def _check_device(tensor: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package: pip install triton")
-    if tensor.device.type != "cuda" and not interpreted():
+    if tensor.device.type not in ("cuda", "meta") and not interpreted():
         raise RuntimeError(
             f"backend='triton' runs on CUDA tensors, got a tensor on {tensor.device}; "
             "use backend='torch' there (or TRITON_INTERPRET=1 to test the kernels on a CPU)"
@@ -283,7 +283,21 @@ def _triton_type(value: object) -> str:
 
 
 def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
-    kernel[grid](**arguments, **options)
+    # Under the profiler each launch is an event of its own, "triton::<kernel>", which
+    # mame_diffusers.benchmarking.ops.work_ops counts with the ATen operations. (The check
+    # first: a record_function costs microseconds even with the profiler off.)
+    if torch.autograd.profiler._is_profiler_enabled:
+        name = getattr(kernel, "__name__", "kernel").strip("_")
+        with torch.profiler.record_function(f"triton::{name}"):
+            _run(kernel, grid, arguments, options)
+    else:
+        _run(kernel, grid, arguments, options)
+
+
+def _run(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
+    # On the meta device (shapes only, as torch's own operators there) nothing runs.
+    if not any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in arguments.values()):
+        kernel[grid](**arguments, **options)
 
 
 def _assign_call(
