@@ -154,7 +154,8 @@ class SlotPlan(PlanGrid):
         return self.slot_index.shape[0]
 
     def merge(self, tokens: torch.Tensor) -> torch.Tensor:
-        """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, each slot's mean, in one kernel."""
+        """MaMe: ``(B, N, C')`` -> ``(B, M, C')``, each slot's (size-weighted) mean, in one
+        kernel."""
         self._check(tokens, self.layout.num_tokens, "merge")
         if tokens is self._source and self._source_merged is not None:
             return self._source_merged
@@ -234,11 +235,13 @@ def compile_ahead(
     weighted: bool = False,
     capability: int = 90,
 ) -> dict:
-    """Compile the three kernels, as a merge on ``layout`` with ``channels`` and ``dtype``
-    launches them (``weighted``: with token sizes), for CUDA compute capability
-    ``capability`` (90: Hopper, 80: Ampere): no GPU needed. Returns ``{kernel name: triton CompiledKernel}`` (``.asm["ptx"]``,
-    ``.asm["cubin"]``); raises what Triton's compiler raises. The tests use it to check on a
-    CPU what the interpreter cannot: that the kernels compile for real GPUs.
+    """Compile the three kernels for CUDA compute capability ``capability`` (90: Hopper, 80:
+    Ampere), as a merge on ``layout`` with ``channels`` and ``dtype`` launches them
+    (``weighted``: with token sizes). No GPU needed.
+
+    Returns ``{kernel name: triton CompiledKernel}`` (``.asm["ptx"]``, ``.asm["cubin"]``);
+    raises what Triton's compiler raises. The tests use it to check on a CPU what the
+    interpreter cannot: that the kernels compile for real GPUs.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
