@@ -29,10 +29,10 @@ def torch_slots(plan: MergePlan) -> torch.Tensor:
 
 
 CASES = [
-    # grid, ratio, tau, channels: 4x4 anchors of 2x2 cells with a halo of 2 (the default
-    # keys/values layout), 8x4 anchors of 1x2 cells, 2x2 anchors whose halo reaches a whole
-    # block over, a non-square grid; taus that raise the own anchor's floor, take any
-    # candidate, and keep every token in its cell.
+    # grid, ratio, tau, channels: 4x4 anchors of 2x2 cells with a halo of 2 (keys/values at
+    # ratio 0.5), 8x4 anchors of 1x2 cells, 2x2 anchors whose halo reaches a whole block over
+    # (the default keys/values ratio), a non-square grid; taus that raise the own anchor's
+    # floor, take any candidate, and keep every token in its cell.
     ((16, 16), 0.75, 0.0, 40),
     ((16, 16), 0.5, -1.0, 24),
     ((32, 32), 0.9375, 0.0, 16),
