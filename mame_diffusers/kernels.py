@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .merging import MergeLayout, PlanGrid
+from .merging import MergeLayout, PlanGrid, own_anchor_tie_break
 
 try:  # triton ships with CUDA builds of torch on Linux; CPU builds need `pip install triton`
     import triton
@@ -55,11 +54,8 @@ __all__ = ["SlotPlan", "available", "compile_ahead", "interpreted", "plan_slots"
 #: ``BLOCK_T x next_pow2(K)``).
 MAX_CANDIDATES = 256
 
-# Float32 constants of the torch path: the own anchor's tie-break (``candidate_bias``) and
-# the clamp of empty slots' sizes (``_slot_weights``).
-_OWN_BONUS = 64 * torch.finfo(torch.float32).eps
+# The clamp of empty slots' sizes, as the torch path's in float32 (``_slot_weights``).
 _TINY = torch.finfo(torch.float32).tiny
-_LOG_TINY = math.log(_TINY)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -187,19 +183,12 @@ class SlotPlan(PlanGrid):
         return restored
 
     def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
-        """``(B, M)`` key bias: ``log(size)`` (``proportional``), else 0 for filled slots and
-        ``log(tiny)`` for empty ones, as :func:`~mame_diffusers.proportional_attention_bias`."""
-        key = (dtype, proportional)
-        bias = self._biases.get(key)
-        if bias is None:
-            if self.sizes is None:
-                raise RuntimeError("a SlotPlan knows its slots' sizes after its first merge")
-            if proportional:
-                bias = self._log_sizes.to(dtype)
-            else:
-                bias = torch.where(self.sizes > 0, 0.0, _LOG_TINY).to(dtype)
-            self._biases[key] = bias
-        return bias
+        if self.sizes is None:
+            raise RuntimeError("a SlotPlan knows its slots' sizes after its first merge")
+        return super().attention_bias(dtype, proportional=proportional)
+
+    def _log_sizes_at_hand(self) -> torch.Tensor | None:
+        return self._log_sizes  # written by the merge kernel with the sizes
 
 
 def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch.Tensor | None = None) -> SlotPlan:
@@ -298,8 +287,9 @@ def _launch(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> No
 
 
 def _run(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
-    # On the meta device (shapes only, as torch's own operators there) nothing runs.
-    if not any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in arguments.values()):
+    # On the meta device (shapes only, as torch's own operators there) nothing runs. One
+    # call's tensors share a device; the first argument is always one.
+    if next(iter(arguments.values())).device.type != "meta":
         kernel[grid](**arguments, **options)
 
 
@@ -321,7 +311,7 @@ def _assign_call(
     arguments = {
         # Never read without WEIGHTED: any pointer will do.
         "x_ptr": x, "weights_ptr": x if weights is None else weights, "slot_ptr": slot_index,
-        "N": num_tokens, "C": channels, "tau": float(tau), "own_bonus": _OWN_BONUS, **_geometry(layout),
+        "N": num_tokens, "C": channels, "tau": float(tau), "own_bonus": own_anchor_tie_break(torch.float32), **_geometry(layout),
         "TAU_MODE": tau_mode,
         "NEEDS_NORMS": tau_mode == 1 and tau != 0.0,
         "WEIGHTED": weights is not None,

@@ -74,6 +74,12 @@ __all__ = [
 _INVALID_SIMILARITY = -2.0
 
 
+def own_anchor_tie_break(dtype: torch.dtype) -> float:
+    """What a token's own anchor gets added to its score (in ``dtype``, float32 or wider):
+    ties go to the own anchor, and no real difference of similarities is this small."""
+    return 64 * torch.finfo(dtype).eps
+
+
 #: Ridge of the affine restore, relative to the mean squared norm of a block's slots: it pulls
 #: the fit towards plain copying. Measured on the layer benchmark (docs/fidelity.md): 0.01
 #: fits best with near-uniform attention, 0.1-0.3 with sharp attention; 0.1 is within a few
@@ -321,7 +327,7 @@ class MergeLayout:
             present = self.constant("present", device, dtype)
             counts = present @ self.constant("own_anchor", device, dtype)
             valid = self.gather_windows(self.anchor_grid(counts[..., None]))[0, ..., 0] > 0
-            own_bonus = 64 * torch.finfo(dtype).eps * self.constant("own_candidate", device, dtype)
+            own_bonus = own_anchor_tie_break(dtype) * self.constant("own_candidate", device, dtype)
             return torch.where(valid[:, None, :], own_bonus, -math.inf)
         if name == "own_floor":  # (T, K): 0 at the own anchor, -inf elsewhere
             own = self.constant("own_candidate", device, dtype)
@@ -531,6 +537,23 @@ class PlanGrid:
         """The grid the merged tokens lie on, row-major."""
         return self.layout.merged_hw
 
+    def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
+        """:func:`proportional_attention_bias` of the sizes, ``(B, M)``; computed once per plan."""
+        key = (dtype, proportional)
+        bias = self._biases.get(key)
+        if bias is None:
+            log_sizes = self._log_sizes_at_hand() if proportional else None
+            if log_sizes is not None:
+                bias = log_sizes.to(dtype)  # the same, from the clamped sizes merging made
+            else:
+                bias = proportional_attention_bias(self.sizes, dtype, proportional=proportional)
+            self._biases[key] = bias
+        return bias
+
+    def _log_sizes_at_hand(self) -> torch.Tensor | None:
+        """``log`` of the sizes clamped away from 0, where merging made them (else ``None``)."""
+        return None
+
     def _check(self, tensor: torch.Tensor, length: int, what: str) -> None:
         expected = (self.batch_size, length)
         if tensor.ndim != 3 or tuple(tensor.shape[:2]) != expected:
@@ -617,17 +640,8 @@ class MergePlan(PlanGrid):
             )
         return self._affine_weights
 
-    def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
-        """:func:`proportional_attention_bias` of the sizes, ``(B, M)``; computed once per plan."""
-        key = (dtype, proportional)
-        bias = self._biases.get(key)
-        if bias is None:
-            if proportional and self._clamped_sizes is not None:
-                bias = self._clamped_sizes.log().to(dtype)  # the same, from the clamp merging made
-            else:
-                bias = proportional_attention_bias(self.sizes, dtype, proportional=proportional)
-            self._biases[key] = bias
-        return bias
+    def _log_sizes_at_hand(self) -> torch.Tensor | None:
+        return None if self._clamped_sizes is None else self._clamped_sizes.log()
 
 
 def plan_merge(

@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def torch_slots(plan: MergePlan) -> torch.Tensor:
     """``(B, N)``: the slot each token joins in a torch plan (copy restore of the slot numbers)."""
-    batch = plan.assignment.shape[0]
+    batch = plan.batch_size
     numbers = torch.arange(plan.num_merged, dtype=torch.float64, device=plan.assignment.device)
     return plan.restore(numbers.expand(batch, -1)[..., None].contiguous())[..., 0].round().to(torch.int32)
 
