@@ -30,8 +30,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from mame_diffusers import apply_mame, kernels, remove_mame
-from mame_diffusers.benchmarking.ops import work_ops
+from mame_diffusers import kernels
+from mame_diffusers.benchmarking.ops import unet_forward_ops
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.offline import unet_config, unet_inputs
 
@@ -47,14 +47,7 @@ METHODS: list[tuple[str, dict[str, Any] | None]] = [
 
 def count_forward(unet: torch.nn.Module, inputs: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, int]:
     """ATen operations and Triton launches of one forward with MaMe ``settings`` (``None``: stock)."""
-    if settings is not None:
-        apply_mame(unet, min_latent_tokens=0, **settings)
-    try:
-        with torch.inference_mode():
-            counts = work_ops(lambda: unet(**inputs))
-    finally:
-        if settings is not None:
-            remove_mame(unet)
+    counts = unet_forward_ops(unet, inputs, settings)
     triton = sum(n for name, n in counts.items() if name.startswith("triton::"))
     return {"aten": sum(counts.values()) - triton, "triton": triton, "total": sum(counts.values())}
 

@@ -252,26 +252,17 @@ def test_the_kernels_add_one_launch_per_merged_call_and_no_aten_operation():
     # one cast of each plan's key bias.
     from diffusers import UNet2DConditionModel
 
-    from mame_diffusers.benchmarking.ops import work_ops
+    from mame_diffusers.benchmarking.ops import unet_forward_ops
     from mame_diffusers.diffusers_integration import self_attention_modules
     from mame_diffusers.offline import unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config("tiny-sd"))
     inputs = unet_inputs(unet, (16, 16))
-
-    def count(**settings):
-        if settings:
-            apply_mame(unet, min_latent_tokens=0, **settings)
-        try:
-            with torch.inference_mode():
-                return work_ops(lambda: unet(**inputs))
-        finally:
-            remove_mame(unet)
-
-    stock, fused = count(), count(backend="triton")
+    stock, fused = unet_forward_ops(unet, inputs), unet_forward_ops(unet, inputs, {"backend": "triton"})
     plans = fused.pop("triton::assign_kernel")
     assert fused.pop("triton::merge_kernel") == len(self_attention_modules(unet))  # every attn1 merged
     assert plans == 2  # one per level (the mid block shares the lowest level's)
     assert sum(fused.values()) <= sum(stock.values()) + plans, (fused - stock)
-    assert sum(count(backend="torch").values()) > sum(stock.values()) + 8 * len(self_attention_modules(unet))
+    torch_path = unet_forward_ops(unet, inputs, {"backend": "torch"})
+    assert sum(torch_path.values()) > sum(stock.values()) + 8 * len(self_attention_modules(unet))

@@ -80,6 +80,25 @@ def work_ops(fn: Callable[[], object]) -> Counter:
     return counts
 
 
+def unet_forward_ops(unet: Any, inputs: dict[str, Any], settings: dict[str, Any] | None = None) -> Counter:
+    """:func:`work_ops` of one ``unet(**inputs)`` under ``inference_mode``, stock
+    (``settings=None``) or with MaMe merging every call (``apply_mame(unet,
+    min_latent_tokens=0, **settings)``, removed afterwards). On the meta device it takes
+    seconds even for SDXL."""
+    import torch
+
+    from ..api import apply_mame, remove_mame
+
+    if settings is not None:
+        apply_mame(unet, min_latent_tokens=0, **settings)
+    try:
+        with torch.inference_mode():
+            return work_ops(lambda: unet(**inputs))
+    finally:
+        if settings is not None:
+            remove_mame(unet)
+
+
 def inside_aten(event: Any) -> bool:
     """Whether a profiler event ran inside another ATen operator (not at the top level)."""
     parent = event.cpu_parent
