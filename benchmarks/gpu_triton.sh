@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1
 SECTIONS="${SECTIONS:-operator,SD 2.1 768 b2,SD 2.1 1024 b2,SDXL 1024 b2}"
 
 # The ahead-of-time compile test is left out: it checks on a CPU what this GPU runs for real.
-timeout -k 5 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not compile_for_gpus" 2>&1 \
+timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not compile_for_gpus" 2>&1 \
     | tee "$out/kernels_tests.txt"
 tests=${PIPESTATUS[0]}
 bash benchmarks/gpu.sh "$out" --only "$SECTIONS" "$@"

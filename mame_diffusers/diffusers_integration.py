@@ -121,10 +121,11 @@ class MaMeConfig(OperatorSettings):
     (``mame_diffusers/kernels.py``): two launches per plan and merge, one per further merge
     or restore, instead of the torch path's some 27. It computes the same plan for the
     default operator (strided anchors, hard assignment, any ``tau``, copy restore) and
-    takes no other; it has no backward pass. The torch path still runs where the kernels
-    do not apply: under ``torch.compile`` (which traces and fuses it), and on grids that the
-    blocks do not tile (sides that are not multiples of 8, in general). Not timed on a GPU
-    yet, so not the default.
+    takes no other; it has no backward pass. Under ``torch.compile`` they are operators
+    (``torch.ops.mame_diffusers``) that the compiled graph launches (torch 2.6 or newer; the
+    torch path is traced before that). The torch path still runs on grids that the blocks
+    do not tile (sides that are not multiples of 8, in general). Not timed on a GPU yet, so
+    not the default.
 
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
@@ -199,10 +200,10 @@ class MaMeConfig(OperatorSettings):
     ) -> MergePlan | SlotPlan:
         """The plan of ``tokens`` on ``layout``: the Triton kernels' where ``backend`` asks
         for them and they apply (see the class docstring), else the torch path's."""
-        if self.backend == "triton" and not torch.compiler.is_compiling():
+        if self.backend == "triton":
             from . import kernels
 
-            if kernels.supports(layout):
+            if kernels.supports(layout) and (kernels.traceable() or not torch.compiler.is_compiling()):
                 return kernels.plan_slots(tokens, layout, tau=self.tau, sizes=sizes)
         return super().plan_on(tokens, layout, sizes)
 

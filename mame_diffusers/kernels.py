@@ -156,16 +156,15 @@ class SlotPlan(PlanGrid):
         if tokens is self._source and self._source_merged is not None:
             return self._source_merged
         _check_device(tokens)
-        tokens = tokens.contiguous()
-        batch, num_tokens, channels = tokens.shape
-        layout = self.layout
-        merged = torch.empty(batch, layout.num_merged, channels, device=tokens.device, dtype=tokens.dtype)
-        sizes = log_sizes = None
+        if torch.compiler.is_compiling():  # the operator, which torch.compile traces
+            merged, sizes, log_sizes = torch.ops.mame_diffusers.merge_slots(
+                tokens, self.weights, self.slot_index, _layout_fields(self.layout)
+            )
+        else:  # the kernel itself: an operator's dispatch costs more host time than it does
+            merged, sizes, log_sizes = _merge(
+                tokens, self.weights, self.slot_index, self.layout, self.sizes is None, _launch
+            )
         if self.sizes is None:  # the first merge writes the slots' sizes too
-            sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
-            log_sizes = torch.empty_like(sizes)
-        _launch(*_merge_call(tokens, self.weights, self.slot_index, merged, sizes, log_sizes, layout))
-        if sizes is not None:
             self.sizes, self._log_sizes = sizes, log_sizes
         if self._source is tokens:
             self._source_merged = merged
@@ -175,12 +174,9 @@ class SlotPlan(PlanGrid):
         """MaRe: ``(B, M, C')`` -> ``(B, N, C')``, every token its slot's value, in one kernel."""
         self._check(merged, self.layout.num_merged, "restore")
         _check_device(merged)
-        merged = merged.contiguous()
-        batch, _, channels = merged.shape
-        num_tokens = self.layout.num_tokens
-        restored = torch.empty(batch, num_tokens, channels, device=merged.device, dtype=merged.dtype)
-        _launch(*_restore_call(merged, self.slot_index, restored))
-        return restored
+        if torch.compiler.is_compiling():
+            return torch.ops.mame_diffusers.restore_slots(merged, self.slot_index)
+        return _restore(merged, self.slot_index, _launch)
 
     def attention_bias(self, dtype: torch.dtype, *, proportional: bool = True) -> torch.Tensor:
         if self.sizes is None:
@@ -203,16 +199,15 @@ def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch
     if x.ndim != 3 or x.shape[1] != layout.num_tokens:
         raise ValueError(f"x must have shape (batch, {layout.num_tokens}, channels), got {tuple(x.shape)}")
     _check_device(x)
-    x = x.contiguous()
-    batch, num_tokens, channels = x.shape
-    weights = None
     if sizes is not None:
-        if tuple(sizes.shape) != (batch, num_tokens):
-            raise ValueError(f"sizes must have shape {(batch, num_tokens)}, got {tuple(sizes.shape)}")
-        weights = sizes.to(torch.float32).contiguous()
-    slot_index = torch.empty(batch, num_tokens, device=x.device, dtype=torch.int32)
-    _launch(*_assign_call(x, weights, slot_index, layout, tau))
-    return SlotPlan(layout, slot_index, weights, _source=x)
+        if tuple(sizes.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"sizes must have shape {tuple(x.shape[:2])}, got {tuple(sizes.shape)}")
+        sizes = sizes.to(torch.float32).contiguous()
+    if torch.compiler.is_compiling():
+        slot_index = torch.ops.mame_diffusers.assign_slots(x, sizes, _layout_fields(layout), float(tau))
+    else:
+        slot_index = _assign(x, sizes, layout, tau, _launch)
+    return SlotPlan(layout, slot_index, sizes, _source=x)
 
 
 def compile_ahead(
@@ -268,6 +263,42 @@ def _triton_type(value: object) -> str:
     if isinstance(value, bool):
         return "i1"
     return "i32" if isinstance(value, int) else "fp32"
+
+
+# -- the three steps, shared by eager calls (``launch=_launch``: the kernel itself) and the
+# operators torch.compile traces (``launch=_launch_traceable``)
+
+
+def _assign(x: torch.Tensor, weights: torch.Tensor | None, layout: MergeLayout, tau: float, launch) -> torch.Tensor:
+    x = x.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    slot_index = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=torch.int32)
+    launch(*_assign_call(x, weights, slot_index, layout, tau))
+    return slot_index
+
+
+def _merge(
+    tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: MergeLayout,
+    write_sizes: bool, launch,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    tokens, slot_index = tokens.contiguous(), slot_index.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    batch, _, channels = tokens.shape
+    merged = torch.empty(batch, layout.num_merged, channels, device=tokens.device, dtype=tokens.dtype)
+    sizes = log_sizes = None
+    if write_sizes:
+        sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
+        log_sizes = torch.empty_like(sizes)
+    launch(*_merge_call(tokens, weights, slot_index, merged, sizes, log_sizes, layout))
+    return merged, sizes, log_sizes
+
+
+def _restore(merged: torch.Tensor, slot_index: torch.Tensor, launch) -> torch.Tensor:
+    merged, slot_index = merged.contiguous(), slot_index.contiguous()
+    batch, _, channels = merged.shape
+    restored = torch.empty(batch, slot_index.shape[1], channels, device=merged.device, dtype=merged.dtype)
+    launch(*_restore_call(merged, slot_index, restored))
+    return restored
 
 
 # -- launches: each kernel's grid, arguments and options, shared by the launch and
@@ -534,3 +565,68 @@ if triton is not None:
         slot = tl.load(slot_ptr + batch * N + t, mask=t_ok, other=0)
         values = tl.load(merged_ptr + batch * M * C + slot[:, None] * C + channel[None, :], mask=mask, other=0.0)
         tl.store(out_ptr + batch * N * C + t[:, None] * C + channel[None, :], values, mask=mask)
+
+
+# -- the kernels as torch operators, for torch.compile: ``mame_diffusers::assign_slots``,
+# ``merge_slots`` and ``restore_slots``. Traced, a SlotPlan's calls are these operators, and on
+# a GPU inductor sees the Triton kernels inside them (``torch.library.triton_op``) and
+# launches them from its compiled graph (and its CUDA graphs). Triton's interpreter cannot be
+# traced: there they are opaque operators that run the kernels, with shape-only fakes.
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(fields: tuple[int, ...]) -> MergeLayout:
+    return MergeLayout(*fields)
+
+
+def _layout_fields(layout: MergeLayout) -> list[int]:
+    """The layout as the operators take it: its ten integers, in field order."""
+    return [
+        layout.height, layout.width, layout.block_h, layout.block_w, layout.blocks_h, layout.blocks_w,
+        layout.anchors_h, layout.anchors_w, layout.halo_h, layout.halo_w,
+    ]
+
+
+def _launch_traceable(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
+    # wrap_triton: a call torch.compile records in its graph; run eagerly, the kernel itself.
+    first = next(iter(arguments.values()))
+    if first.device.type == "meta" or (interpreted() and torch._subclasses.fake_tensor.is_fake(first)):
+        return  # shapes only (the interpreted kernels' fakes)
+    torch.library.wrap_triton(kernel)[grid](**arguments, **options)
+
+
+def _assign_slots(x: torch.Tensor, weights: torch.Tensor | None, layout: list[int], tau: float) -> torch.Tensor:
+    return _assign(x, weights, _layout_of(tuple(layout)), tau, _launch_traceable)
+
+
+def _merge_slots(
+    tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Always with the sizes: the kernels' pointers must not alias in a traced graph.
+    return _merge(tokens, weights, slot_index, _layout_of(tuple(layout)), True, _launch_traceable)
+
+
+def _restore_slots(merged: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+    return _restore(merged, slot_index, _launch_traceable)
+
+
+def traceable() -> bool:
+    """Whether ``torch.compile`` can trace the kernels: the operators are registered (triton,
+    and torch 2.6 or newer for ``torch.library.triton_op``)."""
+    return hasattr(torch.ops.mame_diffusers, "assign_slots")
+
+
+def _register_operators() -> None:
+    if triton is None or not hasattr(torch.library, "triton_op"):
+        return
+    for name, function in (
+        ("assign_slots", _assign_slots), ("merge_slots", _merge_slots), ("restore_slots", _restore_slots)
+    ):
+        if interpreted():
+            operator = torch.library.custom_op(f"mame_diffusers::{name}", function, mutates_args=())
+            operator.register_fake(function)
+        else:
+            torch.library.triton_op(f"mame_diffusers::{name}", function, mutates_args=())
+
+
+_register_operators()

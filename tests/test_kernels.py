@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 from mame_diffusers import MaMeConfig, apply_mame, merge_layout, plan_merge, remove_mame  # noqa: E402
 from mame_diffusers import kernels  # noqa: E402
+from mame_diffusers.diffusers_integration import self_attention_modules  # noqa: E402
 from mame_diffusers.merging import MergePlan  # noqa: E402
 from mame_diffusers.offline import build_unet, unet_inputs  # noqa: E402
 
@@ -229,20 +230,103 @@ def test_kernels_compile_for_gpus_without_one():
         assert targets == 1 and cubin_bytes > 1000, (dtype, capability, name)
 
 
-def test_compiled_unets_trace_the_torch_path_in_one_graph(monkeypatch):
-    # Under torch.compile the torch path is traced (and fused by the compiler), whatever the
-    # backend: one graph, no kernel launch of ours.
+@pytest.mark.parametrize("name,hw,settings,backend", [
+    ("tiny-sd", (16, 16), {"ratio": 0.5}, "aot_eager"),
+    ("tiny-sdxl", (32, 32), {"ratio": 0.5, "stack_min_layers": 2}, "aot_eager"),  # with a deep stack's restore
+    # Inductor compiles the kernels into its own graph on a GPU (benchmarks/gpu_triton.sh).
+    pytest.param("tiny-sd", (16, 16), {"ratio": 0.5}, "inductor", marks=pytest.mark.skipif(DEVICE != "cuda", reason="GPU")),
+])
+def test_compiled_unets_launch_the_kernels_from_one_graph(name, hw, settings, backend, monkeypatch):
+    # Under torch.compile the kernels are operators (torch.ops.mame_diffusers) in the one
+    # graph, as many of each as an eager forward launches, and the compiled UNet computes
+    # what the eager one does.
+    from collections import Counter
+
     from .graphs import assert_one_graph
 
-    planned = []
-    monkeypatch.setattr(kernels, "plan_slots", lambda *a, **k: planned.append(1))
-    unet = build_unet("tiny-sd", seed=0)
-    apply_mame(unet, ratio=0.5, backend="triton", min_latent_tokens=0)
+    launched = Counter()
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a: launched.update([kernel.__name__]) or launch(kernel, *a))
+    unet = build_unet(name, seed=0).to(DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in unet_inputs(unet, hw).items()}
+    apply_mame(unet, backend="triton", min_latent_tokens=0, **settings)
     try:
-        assert_one_graph(unet, **unet_inputs(unet, (16, 16)))
+        with torch.no_grad():
+            eager = unet(**inputs).sample
+            graph = assert_one_graph(unet, **inputs)
+            torch._dynamo.reset()
+            try:
+                compiled = torch.compile(unet, backend=backend, fullgraph=True)(**inputs).sample
+            finally:
+                torch._dynamo.reset()
     finally:
         remove_mame(unet)
-    assert not planned
+    operators = Counter(str(node.target) for node in graph.graph.nodes if "mame_diffusers" in str(node.target))
+    assert operators == Counter({
+        f"mame_diffusers.{operator}_slots": launched[f"_{operator}_kernel"] for operator in ("assign", "merge", "restore")
+    })
+    assert operators["mame_diffusers.merge_slots"] >= len(self_attention_modules(unet))
+    if backend == "aot_eager":  # the same operations
+        assert torch.equal(compiled, eager)
+    else:  # inductor fuses the operations around the kernels its own way
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
+TRACE_ON_A_GPU = """
+import json, logging, sys, torch
+from torch._functorch.aot_autograd import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from mame_diffusers import kernels, merge_layout
+
+# Without a GPU, Triton cannot analyse which arguments a kernel writes (it says so, and
+# assumes all): only the graph is checked here.
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.CRITICAL)
+layout = merge_layout((96, 96), 0.84)
+graphs = []
+
+class Captured(Exception):
+    pass
+
+def capture(graph, _):
+    graphs.append(graph)
+    raise Captured  # nothing can run on fake CUDA tensors
+
+def step(x, sizes):
+    plan = kernels.plan_slots(x, layout, tau=0.0, sizes=sizes)
+    return plan.restore(plan.merge(x) * 2), plan.sizes
+
+with FakeTensorMode():  # CUDA tensors without a GPU: shapes only
+    x = torch.empty(2, 96 * 96, 320, device="cuda", dtype=torch.float16)
+    sizes = torch.empty(2, 96 * 96, device="cuda", dtype=torch.float32)
+try:
+    with torch.no_grad():
+        torch.compile(step, backend=lambda graph, inputs: aot_function(graph, fw_compiler=capture), fullgraph=True)(x, sizes)
+except Exception as error:
+    assert graphs, error
+launches = []
+for node in graphs[0].graph.nodes:
+    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        tuner = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        launches.append([tuner.fn.__name__, [config.num_warps for config in tuner.configs], node.kwargs["grid"][0]])
+json.dump(launches, sys.stdout)
+"""
+
+
+def test_compiled_on_a_gpu_the_graph_launches_the_kernels():
+    # On a GPU, torch.compile traces the operators down to their Triton kernels
+    # (torch.library.triton_op), so inductor launches them from its graph (and its CUDA
+    # graphs). Traced here on fake CUDA tensors, outside the interpreter: a plan with token
+    # sizes, a merge and a restore are three launches, with the eager launch settings.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", TRACE_ON_A_GPU], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = merge_layout((96, 96), 0.84)
+    assert json.loads(result.stdout) == [
+        ["_assign_kernel", [8], [layout.num_blocks, 1, 2]],
+        ["_merge_kernel", [4], [layout.num_blocks, 5, 2]],
+        ["_restore_kernel", [4], [96 * 96 // 32, 5, 2]],
+    ]
 
 
 def test_the_kernels_add_one_launch_per_merged_call_and_no_aten_operation():
@@ -253,7 +337,6 @@ def test_the_kernels_add_one_launch_per_merged_call_and_no_aten_operation():
     from diffusers import UNet2DConditionModel
 
     from mame_diffusers.benchmarking.ops import unet_forward_ops
-    from mame_diffusers.diffusers_integration import self_attention_modules
     from mame_diffusers.offline import unet_config
 
     with torch.device("meta"):
