@@ -17,13 +17,15 @@ with a plan in one:
   a fixed order: no atomics, deterministic. The first merge also writes the slots' sizes.
 - ``_restore_kernel``: every token receives its slot's value (MaRe's copy restore).
 
-Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs and
-under ``torch.compile``): strided anchors, hard assignment with any ``tau``, copy restore,
-optional token sizes, on layouts whose blocks tile the grid without padding (every SD and
-SDXL latent at 512, 768, 1024 and 2048, at any ratio). The scores differ only in rounding
+Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs):
+strided anchors, hard assignment with any ``tau``, copy restore, optional token sizes, on
+layouts whose blocks tile the grid without padding (every SD and SDXL latent at 512, 768,
+1024 and 2048, at any ratio). The scores differ only in rounding
 (float32 accumulation here, the input's dtype in the torch path), so a near-tie may go the
 other way. The tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``) on a
 CPU against the torch path, and compile them for real GPUs with :func:`compile_ahead`.
+Under ``torch.compile`` a plan's calls are operators (``torch.ops.mame_diffusers``, at the end
+of this module) that the compiled graph launches.
 
 The kernels launch with the tokens' own ``(B, N, C)`` layout: no reshape, pad or copy
 around them. Inside a kernel, loads and stores at computed addresses are the only indexing;
