@@ -93,8 +93,14 @@ def _check_device(tensor: torch.Tensor) -> None:
         )
 
 
+# Plain integer arithmetic, not triton.next_power_of_2 / triton.cdiv: those are Triton
+# functions, and each call costs microseconds of host time in a launch-bound forward.
 def _pow2(value: int, at_least: int = 16) -> int:
-    return max(at_least, triton.next_power_of_2(value))
+    return max(at_least, 1 << (value - 1).bit_length())
+
+
+def _cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -290,7 +296,7 @@ def _merge(
     sizes = log_sizes = None
     if write_sizes:
         sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
-        log_sizes = torch.empty_like(sizes)
+        log_sizes = torch.empty(batch, layout.num_merged, device=tokens.device, dtype=torch.float32)
     launch(*_merge_call(tokens, weights, slot_index, merged, sizes, log_sizes, layout))
     return merged, sizes, log_sizes
 
@@ -326,10 +332,17 @@ def _run(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
         kernel[grid](**arguments, **options)
 
 
-def _assign_call(
-    x: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: MergeLayout, tau: float
-) -> tuple:
-    batch, num_tokens, channels = x.shape
+def _static(settings, layout: MergeLayout, channels, *key):
+    # A kernel's grid and non-tensor arguments follow from the layout, the channels and the
+    # settings: built once per combination (a launch-bound forward cannot spare the host
+    # time), except while tracing with a symbolic channel count.
+    if isinstance(channels, int):
+        return settings(layout, channels, *key)
+    return settings.__wrapped__(layout, channels, *key)
+
+
+@functools.lru_cache(maxsize=512)
+def _assign_settings(layout: MergeLayout, channels: int, dtype: torch.dtype, weighted: bool, tau: float) -> tuple:
     if tau >= 1.0:
         tau_mode = 2  # every token keeps its own anchor
     elif tau > -1.0:
@@ -340,54 +353,72 @@ def _assign_call(
     # Score tiles (tokens x candidates) of at most 4096 entries, 64 x 64 or 16 x 256: larger
     # ones spill registers.
     block_t = max(16, min(64, 4096 // block_k, _pow2(layout.tokens_per_block)))
-    grid = (layout.num_blocks, triton.cdiv(layout.tokens_per_block, block_t), batch)
     arguments = {
-        # Never read without WEIGHTED: any pointer will do.
-        "x_ptr": x, "weights_ptr": x if weights is None else weights, "slot_ptr": slot_index,
-        "N": num_tokens, "C": channels, "tau": float(tau), "own_bonus": own_anchor_tie_break(torch.float32), **_geometry(layout),
+        "N": layout.num_tokens, "C": channels, "tau": tau, "own_bonus": own_anchor_tie_break(torch.float32),
+        **_geometry(layout),
         "TAU_MODE": tau_mode,
         "NEEDS_NORMS": tau_mode == 1 and tau != 0.0,
-        "WEIGHTED": weights is not None,
+        "WEIGHTED": weighted,
         "BLOCK_T": block_t,
         "BLOCK_K": block_k,
         # Chunks of 32 channels: with 64, the pipelined loads of the anchors spill registers.
         "BLOCK_C": min(32, _pow2(channels)),
-        "PRECISION": _precision(x.dtype),
+        "PRECISION": _precision(dtype),
+    }
+    return (layout.num_blocks, _cdiv(layout.tokens_per_block, block_t)), arguments
+
+
+def _assign_call(
+    x: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: MergeLayout, tau: float
+) -> tuple:
+    batch, _, channels = x.shape
+    grid, settings = _static(_assign_settings, layout, channels, x.dtype, weights is not None, float(tau))
+    arguments = {
+        # Never read without WEIGHTED: any pointer will do.
+        "x_ptr": x, "weights_ptr": x if weights is None else weights, "slot_ptr": slot_index, **settings,
     }
     # Eight warps: with four, the score tile and the pipelined loads spill registers (sm_90,
     # triton 3.9; docs/operator.md, section 3).
-    return _assign_kernel, grid, arguments, {"num_warps": 8}
+    return _assign_kernel, (*grid, batch), arguments, {"num_warps": 8}
+
+
+@functools.lru_cache(maxsize=512)
+def _merge_settings(layout: MergeLayout, channels: int, dtype: torch.dtype, weighted: bool, write_sizes: bool) -> tuple:
+    block_c = min(64, _pow2(channels))
+    arguments = {
+        "N": layout.num_tokens, "C": channels, "M": layout.num_merged, "tiny": _TINY, **_geometry(layout),
+        "WRITE_SIZES": write_sizes,
+        "WEIGHTED": weighted,
+        "BLOCK_S": _pow2(layout.anchors_per_block),
+        # Weighted sums are float32 products, whose operands take twice the registers.
+        "BLOCK_T": min(32 if weighted else 64, _pow2(layout.tokens_per_block)),
+        "BLOCK_C": block_c,
+        "PRECISION": _precision(dtype),
+    }
+    return (layout.num_blocks, _cdiv(channels, block_c)), arguments
 
 
 def _merge_call(
     tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, merged: torch.Tensor,
     sizes: torch.Tensor | None, log_sizes: torch.Tensor | None, layout: MergeLayout,
 ) -> tuple:
-    batch, num_tokens, channels = tokens.shape
+    batch, _, channels = tokens.shape
     write_sizes = sizes is not None
-    block_c = min(64, _pow2(channels))
-    grid = (layout.num_blocks, triton.cdiv(channels, block_c), batch)
+    grid, settings = _static(_merge_settings, layout, channels, tokens.dtype, weights is not None, write_sizes)
     arguments = {
         # Pointers the kernel never touches (without WEIGHTED, or WRITE_SIZES) may be any.
         "x_ptr": tokens, "weights_ptr": tokens if weights is None else weights, "slot_ptr": slot_index,
         "out_ptr": merged,
         "sizes_ptr": sizes if write_sizes else merged, "log_sizes_ptr": log_sizes if write_sizes else merged,
-        "N": num_tokens, "C": channels, "M": layout.num_merged, "tiny": _TINY, **_geometry(layout),
-        "WRITE_SIZES": write_sizes,
-        "WEIGHTED": weights is not None,
-        "BLOCK_S": _pow2(layout.anchors_per_block),
-        # Weighted sums are float32 products, whose operands take twice the registers.
-        "BLOCK_T": min(32 if weights is not None else 64, _pow2(layout.tokens_per_block)),
-        "BLOCK_C": block_c,
-        "PRECISION": _precision(tokens.dtype),
+        **settings,
     }
-    return _merge_kernel, grid, arguments, {"num_warps": 4}
+    return _merge_kernel, (*grid, batch), arguments, {"num_warps": 4}
 
 
 def _restore_call(merged: torch.Tensor, slot_index: torch.Tensor, restored: torch.Tensor) -> tuple:
     batch, num_tokens, channels = restored.shape
     block_t, block_c = 32, min(64, _pow2(channels))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)
+    grid = (_cdiv(num_tokens, block_t), _cdiv(channels, block_c), batch)
     arguments = {
         "merged_ptr": merged, "slot_ptr": slot_index, "out_ptr": restored,
         "N": num_tokens, "C": channels, "M": merged.shape[1], "BLOCK_T": block_t, "BLOCK_C": block_c,
