@@ -203,7 +203,7 @@ class MaMeConfig(OperatorSettings):
         if self.backend == "triton":
             from . import kernels
 
-            if kernels.supports(layout) and (kernels.traceable() or not torch.compiler.is_compiling()):
+            if kernels.supports(layout) and (not torch.compiler.is_compiling() or kernels.traceable()):
                 return kernels.plan_slots(tokens, layout, tau=self.tau, sizes=sizes)
         return super().plan_on(tokens, layout, sizes)
 

@@ -20,12 +20,12 @@ with a plan in one:
 Same rule as the torch path (``merging.py`` stays the reference, and the path on CPUs):
 strided anchors, hard assignment with any ``tau``, copy restore, optional token sizes, on
 layouts whose blocks tile the grid without padding (every SD and SDXL latent at 512, 768,
-1024 and 2048, at any ratio). The scores differ only in rounding
-(float32 accumulation here, the input's dtype in the torch path), so a near-tie may go the
-other way. The tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``) on a
-CPU against the torch path, and compile them for real GPUs with :func:`compile_ahead`.
-Under ``torch.compile`` a plan's calls are operators (``torch.ops.mame_diffusers``, at the end
-of this module) that the compiled graph launches.
+1024 and 2048, at any ratio). The scores differ only in rounding (float32 accumulation
+here, the input's dtype in the torch path), so a near-tie may go the other way. The tests
+run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU against the torch
+path, and compile them for real GPUs with :func:`compile_ahead`. Under ``torch.compile`` a
+plan's calls are operators (``torch.ops.mame_diffusers``, at the end of this module) that
+the compiled graph launches.
 
 The kernels launch with the tokens' own ``(B, N, C)`` layout: no reshape, pad or copy
 around them. Inside a kernel, loads and stores at computed addresses are the only indexing;
@@ -635,7 +635,8 @@ def _assign_slots(x: torch.Tensor, weights: torch.Tensor | None, layout: list[in
 def _merge_slots(
     tokens: torch.Tensor, weights: torch.Tensor | None, slot_index: torch.Tensor, layout: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Always with the sizes: the kernels' pointers must not alias in a traced graph.
+    # Always with the sizes: in a traced graph no pointer the kernel writes may alias another
+    # argument (eager merges after the first pass the merged tokens for the sizes instead).
     return _merge(tokens, weights, slot_index, _layout_of(tuple(layout)), True, _launch_traceable)
 
 
