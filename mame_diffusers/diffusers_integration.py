@@ -204,7 +204,7 @@ class MaMeConfig(OperatorSettings):
             from . import kernels
 
             if kernels.supports(layout) and (not torch.compiler.is_compiling() or kernels.traceable()):
-                return kernels.plan_slots(tokens, layout, tau=self.tau, sizes=sizes)
+                return kernels.plan_slots(tokens, layout, tau=self.constant_tau(), sizes=sizes)
         return super().plan_on(tokens, layout, sizes)
 
     def merges_call(self, latent_tokens: int, device: torch.device) -> bool:

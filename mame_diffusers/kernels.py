@@ -198,7 +198,10 @@ class SlotPlan(PlanGrid):
 def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch.Tensor | None = None) -> SlotPlan:
     """The plan of :func:`~mame_diffusers.plan_merge` with strided anchors, hard assignment,
     ``tau`` and optional token ``sizes`` ``(B, N)`` on a layout the kernels :func:`supports`,
-    as a :class:`SlotPlan`; one kernel."""
+    as a :class:`SlotPlan`; one kernel.
+
+    Under ``torch.compile``, ``tau`` must be a constant of the trace: the kernels branch on
+    it (``MaMeConfig`` passes :meth:`~mame_diffusers.MaMeConfig.constant_tau`)."""
     if not supports(layout):
         raise ValueError(
             f"the triton kernels need blocks that tile the grid (no padding) and at most {MAX_CANDIDATES} "

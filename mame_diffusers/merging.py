@@ -1170,10 +1170,20 @@ class OperatorSettings:
         )
 
     def remember_layout_settings(self, *ratio_names: str) -> None:
-        """Write down, as text, what :meth:`layout` needs for each of ``ratio_names`` (call
-        it once the settings are checked, e.g. in ``__post_init__``)."""
+        """Write down, as text, what :meth:`layout` needs for each of ``ratio_names``, and
+        ``tau`` for :meth:`constant_tau` (call it once the settings are checked, e.g. in
+        ``__post_init__``)."""
         keys = {name: f"{float(getattr(self, name))!r},{self.block!r},{self.halo!r}" for name in ratio_names}
         object.__setattr__(self, "_layout_settings", keys)
+        object.__setattr__(self, "_tau_setting", repr(float(self.tau)))
+
+    def constant_tau(self) -> float:
+        """``tau``; while ``torch.compile`` traces, a constant read from its text, as
+        :meth:`layout` does with the ratios: the Triton kernels branch on ``tau``, which a
+        symbolic value (a ``tau`` changed since the last compile) cannot decide."""
+        if torch.compiler.is_compiling():
+            return _constant_float(self._tau_setting)
+        return self.tau
 
     def layout(self, hw: tuple[int, int], ratio_name: str) -> MergeLayout:
         """The merge layout of an ``hw`` grid at the ratio this config names ``ratio_name``.
@@ -1186,6 +1196,11 @@ class OperatorSettings:
         if torch.compiler.is_compiling():
             return MergeLayout(*_constant_layout_fields(tuple(hw), self._layout_settings[ratio_name]))
         return merge_layout(hw, getattr(self, ratio_name), block=self.block, halo=self.halo)
+
+
+@torch.compiler.assume_constant_result
+def _constant_float(text: str) -> float:
+    return float(text)
 
 
 @torch.compiler.assume_constant_result

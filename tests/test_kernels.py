@@ -277,7 +277,7 @@ import json, logging, sys, torch
 from torch._functorch.aot_autograd import aot_function
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
-from mame_diffusers import kernels, merge_layout
+from mame_diffusers import MaMeConfig, merge_layout
 
 # Without a GPU, Triton cannot analyse which arguments a kernel writes (it says so, and
 # assumes all): only the graph is checked here.
@@ -292,24 +292,34 @@ def capture(graph, _):
     graphs.append(graph)
     raise Captured  # nothing can run on fake CUDA tensors
 
+class Holder:  # as a patched UNet holds its config: apply_mame replaces it
+    config = None
+
 def step(x, sizes):
-    plan = kernels.plan_slots(x, layout, tau=0.0, sizes=sizes)
+    plan = Holder.config.plan_on(x, layout, sizes)
     return plan.restore(plan.merge(x) * 2), plan.sizes
 
 with FakeTensorMode():  # CUDA tensors without a GPU: shapes only
     x = torch.empty(2, 96 * 96, 320, device="cuda", dtype=torch.float16)
     sizes = torch.empty(2, 96 * 96, device="cuda", dtype=torch.float32)
-try:
-    with torch.no_grad():
-        torch.compile(step, backend=lambda graph, inputs: aot_function(graph, fw_compiler=capture), fullgraph=True)(x, sizes)
-except Exception as error:
-    assert graphs, error
-launches = []
-for node in graphs[0].graph.nodes:
-    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
-        tuner = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-        launches.append([tuner.fn.__name__, [config.num_warps for config in tuner.configs], node.kwargs["grid"][0]])
-json.dump(launches, sys.stdout)
+compiled = torch.compile(step, backend=lambda graph, inputs: aot_function(graph, fw_compiler=capture), fullgraph=True)
+report = []
+for tau in (0.0, 0.3, 1.0):  # a new tau after compiling: a recompile with a constant tau
+    Holder.config = MaMeConfig(backend="triton", tau=tau)
+    try:
+        with torch.no_grad():
+            compiled(x, sizes)
+    except Captured:
+        pass
+    launches = []
+    for node in graphs[-1].graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            tuner = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            arguments = node.kwargs["kwargs"]
+            launches.append([tuner.fn.__name__, [config.num_warps for config in tuner.configs], node.kwargs["grid"][0],
+                             [arguments.get("tau"), arguments.get("TAU_MODE")]])
+    report.append(launches)
+json.dump(report, sys.stdout)
 """
 
 
@@ -317,15 +327,19 @@ def test_compiled_on_a_gpu_the_graph_launches_the_kernels():
     # On a GPU, torch.compile traces the operators down to their Triton kernels
     # (torch.library.triton_op), so inductor launches them from its graph (and its CUDA
     # graphs). Traced here on fake CUDA tensors, outside the interpreter: a plan with token
-    # sizes, a merge and a restore are three launches, with the eager launch settings.
+    # sizes, a merge and a restore are three launches, with the eager launch settings; a
+    # config with a new tau recompiles with that tau, a constant (the kernel branches on it).
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", TRACE_ON_A_GPU], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     layout = merge_layout((96, 96), 0.84)
     assert json.loads(result.stdout) == [
-        ["_assign_kernel", [8], [layout.num_blocks, 1, 2]],
-        ["_merge_kernel", [4], [layout.num_blocks, 5, 2]],
-        ["_restore_kernel", [4], [96 * 96 // 32, 5, 2]],
+        [
+            ["_assign_kernel", [8], [layout.num_blocks, 1, 2], [tau, tau_mode]],
+            ["_merge_kernel", [4], [layout.num_blocks, 5, 2], [None, None]],
+            ["_restore_kernel", [4], [96 * 96 // 32, 5, 2], [None, None]],
+        ]
+        for tau, tau_mode in [(0.0, 1), (0.3, 1), (1.0, 2)]
     ]
 
 
