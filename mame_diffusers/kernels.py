@@ -50,7 +50,7 @@ try:  # triton ships with CUDA builds of torch on Linux; CPU builds need `pip in
 except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
 
-__all__ = ["SlotPlan", "available", "compile_ahead", "interpreted", "plan_slots", "supports"]
+__all__ = ["SlotPlan", "available", "compile_ahead", "interpreted", "plan_slots", "supports", "traceable"]
 
 #: Candidates per block the assignment kernel holds in registers at once (its score tile is
 #: ``BLOCK_T x next_pow2(K)``).
