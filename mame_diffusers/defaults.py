@@ -29,8 +29,10 @@ DEFAULT_RESTORE = "copy"
 
 #: What computes the UNet's merges: ``"torch"`` the operator's ATen path (every device,
 #: differentiable, traced by ``torch.compile``); ``"triton"`` fused kernels on CUDA
-#: (``mame_diffusers/kernels.py``: two launches to plan and merge instead of some 27).
-BACKENDS = ("torch", "triton")
+#: (``mame_diffusers/kernels.py``: two launches to plan and merge instead of some 27);
+#: ``"auto"`` the kernels where they can run (CUDA tensors, no gradient wanted, triton
+#: importable, the default operator), the torch path elsewhere.
+BACKENDS = ("torch", "triton", "auto")
 #: The Triton kernels match the torch path in tests but have not been timed on a GPU yet.
 DEFAULT_BACKEND = "torch"
 

@@ -124,8 +124,10 @@ class MaMeConfig(OperatorSettings):
     takes no other; it has no backward pass. Under ``torch.compile`` they are operators
     (``torch.ops.mame_diffusers``) that the compiled graph launches (torch 2.6 or newer; the
     torch path is traced before that). The torch path still runs on grids that the blocks
-    do not tile (sides that are not multiples of 8, in general). Not timed on a GPU yet, so
-    not the default.
+    do not tile (sides that are not multiples of 8, in general). ``backend="auto"`` takes
+    the kernels where they can run (CUDA tensors, no gradient wanted, triton importable, the
+    default operator) and the torch path elsewhere, without an error. Not timed on a GPU
+    yet, so not the default.
 
     See :func:`mame_diffusers.plan_merge` for the operator's fields.
     """
@@ -176,7 +178,10 @@ class MaMeConfig(OperatorSettings):
     def _check_backend(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend != "triton":
+        # Whether the kernels may plan this config's merges (decided once, per call only the
+        # tensors' device and the layout).
+        object.__setattr__(self, "_kernels", False)
+        if self.backend == "torch":
             return
         unsupported = {
             "anchor": self.anchor != "strided",
@@ -185,25 +190,34 @@ class MaMeConfig(OperatorSettings):
             "restore": self.restore != "copy",
         }
         named = [name for name, used in unsupported.items() if used]
+        from . import kernels
+
+        if self.backend == "auto":  # the torch path computes what the kernels cannot
+            object.__setattr__(self, "_kernels", not named and kernels.available())
+            return
         if named:
             raise ValueError(
                 f"backend='triton' computes the default operator (anchor='strided', hard assignment, "
-                f"refine=0, restore='copy') and takes no other {', '.join(named)}: use backend='torch' with them"
+                f"refine=0, restore='copy') and takes no other {', '.join(named)}: use backend='torch' "
+                "(or 'auto') with them"
             )
-        from . import kernels
-
         if not kernels.available():
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        object.__setattr__(self, "_kernels", True)
 
     def plan_on(
         self, tokens: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None = None
     ) -> MergePlan | SlotPlan:
         """The plan of ``tokens`` on ``layout``: the Triton kernels' where ``backend`` asks
         for them and they apply (see the class docstring), else the torch path's."""
-        if self.backend == "triton":
+        if self._kernels:
             from . import kernels
 
-            if kernels.supports(layout) and (not torch.compiler.is_compiling() or kernels.traceable()):
+            if (
+                kernels.supports(layout)
+                and (not torch.compiler.is_compiling() or kernels.traceable())
+                and (self.backend == "triton" or _kernels_can_take(tokens))
+            ):
                 return kernels.plan_slots(tokens, layout, tau=self.constant_tau(), sizes=sizes)
         return super().plan_on(tokens, layout, sizes)
 
@@ -229,6 +243,12 @@ class MaMeConfig(OperatorSettings):
     def kv_ratio(self) -> float:
         """Fraction of keys and values merged."""
         return 1.0 - (1.0 - self.ratio) ** (2.0 - self.query_share)
+
+
+def _kernels_can_take(tokens: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` plans ``tokens`` with the kernels: CUDA tensors whose merge
+    needs no gradient (the kernels have no backward pass)."""
+    return tokens.is_cuda and not (tokens.requires_grad and torch.is_grad_enabled())
 
 
 @dataclass

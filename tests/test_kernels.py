@@ -159,6 +159,39 @@ def test_backend_settings_are_checked(settings, message):
         MaMeConfig(**settings)
 
 
+def test_auto_backend_takes_the_kernels_only_where_they_can_run(monkeypatch):
+    # backend="auto": the kernels for CUDA tensors that want no gradient, with the default
+    # operator; the torch path for anything else, and never an error.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mame_diffusers.merging import OperatorSettings
+
+    taken = []
+    monkeypatch.setattr(kernels, "plan_slots", lambda *a, **k: taken.append("kernels"))
+    monkeypatch.setattr(OperatorSettings, "plan_on", lambda *a, **k: taken.append("torch"))
+    layout = merge_layout((16, 16), 0.75)
+    with FakeTensorMode():  # CUDA tensors without a GPU: shapes only
+        on_cuda = torch.empty(1, 256, 8, device="cuda")
+    on_cpu = torch.randn(1, 256, 8)
+    auto = MaMeConfig(backend="auto")
+    for tokens, grad, expected in [
+        (on_cuda, False, "kernels"),
+        (on_cpu, False, "torch"),  # even where the interpreter could run them: tests only
+        (on_cuda.requires_grad_(), True, "torch"),  # training: the differentiable path
+        (on_cuda, False, "kernels"),  # the same tensor, under no_grad
+    ]:
+        with torch.set_grad_enabled(grad):
+            auto.plan_on(tokens, layout)
+        assert taken.pop() == expected
+    assert MaMeConfig(backend="triton").plan_on(on_cpu, layout) is None and taken.pop() == "kernels"
+    # Options the kernels lack: the torch path, where backend="triton" refuses them.
+    MaMeConfig(backend="auto", anchor="ranked", halo=0, restore="affine").plan_on(on_cuda.detach(), layout)
+    assert taken.pop() == "torch"
+    monkeypatch.setattr(kernels, "triton", None)  # triton missing
+    MaMeConfig(backend="auto").plan_on(on_cuda.detach(), layout)
+    assert taken.pop() == "torch"
+
+
 def test_backend_errors_name_what_is_missing(monkeypatch):
     x = torch.randn(1, 256, 8, device=DEVICE)
     layout = merge_layout((16, 16), 0.75)
@@ -186,7 +219,7 @@ def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, setting
     unet = build_unet(name, seed=0).to(DEVICE)
     inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in unet_inputs(unet, hw).items()}
     outputs = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "auto"):
         apply_mame(unet, backend=backend, min_latent_tokens=0, **settings)
         try:
             with torch.no_grad():
@@ -198,6 +231,8 @@ def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, setting
     assert not torch.equal(outputs["torch"], stock)  # it merged
     assert planned  # with the kernels
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-5)
+    # "auto": the kernels on CUDA, the torch path on a CPU.
+    assert torch.equal(outputs["auto"], outputs["triton" if DEVICE == "cuda" else "torch"])
 
 
 COMPILE = """
