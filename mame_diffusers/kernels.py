@@ -338,10 +338,9 @@ def _run(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:
 def _static(settings, layout: MergeLayout, channels, *key):
     # A kernel's grid and non-tensor arguments follow from the layout, the channels and the
     # settings: built once per combination (a launch-bound forward cannot spare the host
-    # time), except while tracing with a symbolic channel count.
-    if isinstance(channels, int):
-        return settings(layout, channels, *key)
-    return settings.__wrapped__(layout, channels, *key)
+    # time). The channels pick block sizes: a symbolic count (a trace with dynamic shapes)
+    # is specialized by int().
+    return settings(layout, int(channels), *key)
 
 
 @functools.lru_cache(maxsize=512)
