@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first GPU run of the fused Triton kernels (MaMeConfig(backend="triton")): check them on
 # CUDA against the torch path, then time them where they should matter. Installs nothing
-# (carry the wheels as for gpu.sh, benchmarks/README.md); about 6 minutes on an H200.
+# (carry the wheels as for gpu.sh, benchmarks/README.md); under 10 minutes on an H200 (the
+# tests up to 4, the benchmark up to 6).
 #
 #   bash benchmarks/gpu_triton.sh OUT_DIR [extra gpu_benchmark.py options]
 #
@@ -9,7 +10,11 @@
 # interpreter) and what gpu.sh writes, for the sections in $SECTIONS: the operator (the
 # kernels' plan + merge and a whole self-attention), SD 2.1 768 and 1024 and SDXL 1024 at
 # batch 2, eager and recorded into CUDA graphs, where the "MaMe triton, merging every call"
-# column sits beside the torch path's.
+# column sits beside the torch path's. The kernels inside a compiled graph, if time is left
+# (about 4 minutes):
+#
+#   SECTIONS="compiled MaMe,compiled stock" bash benchmarks/gpu_triton.sh OUT_DIR/compiled \
+#       --compile-mame backend=triton,min_latent_tokens=0
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_triton.sh OUT_DIR [gpu_benchmark.py options]}"
 shift
