@@ -127,7 +127,7 @@ def _geometry(layout: MergeLayout) -> dict:
         "num_candidates": layout.num_candidates,
         "tokens_per_block": layout.tokens_per_block,
         # The most tokens one anchor cell holds.
-        "cell_tokens": -(-layout.block_h // layout.anchors_h) * -(-layout.block_w // layout.anchors_w),
+        "cell_tokens": _cdiv(layout.block_h, layout.anchors_h) * _cdiv(layout.block_w, layout.anchors_w),
     }
 
 
@@ -166,7 +166,7 @@ class SlotPlan(PlanGrid):
         _check_device(tokens)
         if torch.compiler.is_compiling():  # the operator, which torch.compile traces
             merged, sizes, log_sizes = torch.ops.mame_diffusers.merge_slots(
-                tokens, self.weights, self.slot_index, _layout_fields(self.layout)
+                tokens, self.weights, self.slot_index, list(self.layout.init_fields())
             )
         else:  # the kernel itself: an operator's dispatch costs more host time than it does
             merged, sizes, log_sizes = _merge(
@@ -215,7 +215,7 @@ def plan_slots(x: torch.Tensor, layout: MergeLayout, *, tau: float, sizes: torch
             raise ValueError(f"sizes must have shape {tuple(x.shape[:2])}, got {tuple(sizes.shape)}")
         sizes = sizes.to(torch.float32).contiguous()
     if torch.compiler.is_compiling():
-        slot_index = torch.ops.mame_diffusers.assign_slots(x, sizes, _layout_fields(layout), float(tau))
+        slot_index = torch.ops.mame_diffusers.assign_slots(x, sizes, list(layout.init_fields()), float(tau))
     else:
         slot_index = _assign(x, sizes, layout, tau, _launch)
     return SlotPlan(layout, slot_index, sizes, _source=x)
@@ -612,14 +612,6 @@ if triton is not None:
 @functools.lru_cache(maxsize=256)
 def _layout_of(fields: tuple[int, ...]) -> MergeLayout:
     return MergeLayout(*fields)
-
-
-def _layout_fields(layout: MergeLayout) -> list[int]:
-    """The layout as the operators take it: its ten integers, in field order."""
-    return [
-        layout.height, layout.width, layout.block_h, layout.block_w, layout.blocks_h, layout.blocks_w,
-        layout.anchors_h, layout.anchors_w, layout.halo_h, layout.halo_w,
-    ]
 
 
 def _launch_traceable(kernel, grid: tuple[int, ...], arguments: dict, options: dict) -> None:

@@ -285,6 +285,11 @@ class MergeLayout:
         """Whether every anchor cell has the same ``cell_h x cell_w`` tokens (no padding)."""
         return not self.padded and self.block_h % self.anchors_h == 0 and self.block_w % self.anchors_w == 0
 
+    def init_fields(self) -> tuple[int, ...]:
+        """The integers that define the layout, in field order: ``MergeLayout(*fields)``
+        rebuilds it (how a layout crosses a trace or an operator's arguments)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+
     # -- constant matrices, built once per device and dtype ----------------------------------
 
     def constant(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -1207,5 +1212,4 @@ def _constant_float(text: str) -> float:
 def _constant_layout_fields(hw: tuple[int, int], settings: str) -> tuple[int, ...]:
     """:func:`merge_layout`'s fields for ``settings`` = ``"ratio,block,halo"`` (reprs)."""
     ratio, block, halo = settings.split(",")
-    layout = merge_layout(hw, float(ratio), block=None if block == "None" else int(block), halo=int(halo))
-    return tuple(getattr(layout, f.name) for f in dataclasses.fields(layout) if f.init)
+    return merge_layout(hw, float(ratio), block=None if block == "None" else int(block), halo=int(halo)).init_fields()

@@ -80,9 +80,8 @@ class VisionMaMeConfig(OperatorSettings):
         anchor: which tokens merge. ``"ranked"`` (the default): the most redundant ones,
             wherever they are (global bipartite matching by comparisons; with a ``block``
             it needs ``halo=0``, and it takes no ``tau``, ``temperature`` or ``refine``);
-            ``"strided"``, ``"distinct"``,
-            ``"pooled"``, ``"random"``: slots placed on the grid (see
-            :func:`mame_diffusers.plan_merge`), which the other options apply to.
+            ``"strided"``, ``"distinct"``, ``"pooled"``, ``"random"``: slots placed on the
+            grid (see :func:`mame_diffusers.plan_merge`), which the other options apply to.
         tau, block, halo, temperature, straight_through, refine: operator options,
             see :func:`mame_diffusers.plan_merge` (vision models merge and never restore, so
             the operator's ``restore`` has no field here).
