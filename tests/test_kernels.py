@@ -217,7 +217,7 @@ def test_unets_with_the_triton_backend_match_the_torch_backend(name, hw, setting
     plan_slots = kernels.plan_slots
     monkeypatch.setattr(kernels, "plan_slots", lambda *a, **k: planned.append(1) or plan_slots(*a, **k))
     unet = build_unet(name, seed=0).to(DEVICE)
-    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in unet_inputs(unet, hw).items()}
+    inputs = unet_inputs(unet, hw)  # on the UNet's device
     outputs = {}
     for backend in ("torch", "triton", "auto"):
         apply_mame(unet, backend=backend, min_latent_tokens=0, **settings)
@@ -283,7 +283,7 @@ def test_compiled_unets_launch_the_kernels_from_one_graph(name, hw, settings, ba
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda kernel, *a: launched.update([kernel.__name__]) or launch(kernel, *a))
     unet = build_unet(name, seed=0).to(DEVICE)
-    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in unet_inputs(unet, hw).items()}
+    inputs = unet_inputs(unet, hw)  # on the UNet's device
     apply_mame(unet, backend="triton", min_latent_tokens=0, **settings)
     try:
         with torch.no_grad():
