@@ -380,7 +380,7 @@ def test_compiled_on_a_gpu_the_graph_launches_the_kernels():
 
 def test_the_kernels_add_one_launch_per_merged_call_and_no_aten_operation():
     # A whole forward on the meta device (nothing runs; every operation is counted): the
-    # torch path adds some 16 operations per merged self-attention (SD 2.1: 776 -> 940,
+    # torch path adds some 8 operations per merged self-attention (SD 2.1: 776 -> 856,
     # benchmarks/launch_count.py), the kernels one launch per merge and one per plan, plus
     # one cast of each plan's key bias.
     from diffusers import UNet2DConditionModel
@@ -397,4 +397,4 @@ def test_the_kernels_add_one_launch_per_merged_call_and_no_aten_operation():
     assert plans == 2  # one per level (the mid block shares the lowest level's)
     assert sum(fused.values()) <= sum(stock.values()) + plans, (fused - stock)
     torch_path = unet_forward_ops(unet, inputs, {"backend": "torch"})
-    assert sum(torch_path.values()) > sum(stock.values()) + 8 * len(self_attention_modules(unet))
+    assert sum(torch_path.values()) >= sum(stock.values()) + 6 * len(self_attention_modules(unet))

@@ -84,7 +84,11 @@ def unet_forward_ops(unet: Any, inputs: dict[str, Any], settings: dict[str, Any]
     """:func:`work_ops` of one ``unet(**inputs)`` under ``inference_mode``, stock
     (``settings=None``) or with MaMe merging every call (``apply_mame(unet,
     min_latent_tokens=0, **settings)``, removed afterwards). On the meta device it takes
-    seconds even for SDXL."""
+    seconds even for SDXL.
+
+    The forward counted is the second: the first also builds the merge layouts' constant
+    matrices, once per shape, device and dtype, which every later step of a sampling run
+    finds ready."""
     import torch
 
     from ..api import apply_mame, remove_mame
@@ -93,6 +97,7 @@ def unet_forward_ops(unet: Any, inputs: dict[str, Any], settings: dict[str, Any]
         apply_mame(unet, min_latent_tokens=0, **settings)
     try:
         with torch.inference_mode():
+            unet(**inputs)
             return work_ops(lambda: unet(**inputs))
     finally:
         if settings is not None:
