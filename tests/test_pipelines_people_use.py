@@ -1,8 +1,8 @@
 """apply_mame on the diffusers pipelines people use, on tiny random components built offline.
 
 One test per pipeline (img2img, inpaint, ControlNet, SDXL, SDXL ControlNet), then the
-runtime options people combine with it (torch.compile, bf16, channels_last), the processor
-interplay with attention slicing and IP-Adapter, and the accelerator recipe of
+runtime options people combine with it (torch.compile, bf16, channels_last, LoRA), the
+processor interplay with attention slicing and IP-Adapter, and the accelerator recipe of
 docs/accelerators.md (fewer-step schedulers, DeepCache-style feature caching).
 """
 
@@ -266,6 +266,35 @@ def test_compiles_with_fullgraph_and_matches_eager():
             remove_mame(unet)
     assert not torch.equal(eager, stock)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapters_run_inside_merged_self_attention():
+    # LoRA through PEFT (pipe.load_lora_weights, unet.add_adapter) wraps the projections that
+    # MaMe's processor calls, so the merged path runs the adapted weights; the LoRA scale of
+    # cross_attention_kwargs reaches them, and fusing the adapter keeps the image.
+    from peft import LoraConfig
+
+    pipe = ready(StableDiffusionPipeline(**sd_components()))
+    torch.manual_seed(1)
+    self_attention_only = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=self_attention_only, init_lora_weights=False))
+    reference = generate(pipe)
+    apply_mame(pipe, ratio=0.5)
+    try:
+        counts = merged_calls([pipe.unet])
+        adapted = generate(pipe)
+        assert counts[0] == 2 * len(self_attention_modules(pipe.unet))  # two steps, every attn1
+        pipe.unet.disable_adapters()
+        plain = generate(pipe)
+        pipe.unet.enable_adapters()
+        assert (adapted - plain).abs().max() > 0.05  # the adapter changes what merged attention computes
+        torch.testing.assert_close(generate(pipe, cross_attention_kwargs={"scale": 0.0}), plain)
+        pipe.fuse_lora()
+        torch.testing.assert_close(generate(pipe), adapted, rtol=1e-4, atol=1e-4)
+        pipe.unfuse_lora()
+    finally:
+        remove_mame(pipe)
+    torch.testing.assert_close(generate(pipe), reference, rtol=1e-4, atol=1e-4)  # unfusing rounds
 
 
 def test_bf16_pipeline_on_cpu():
