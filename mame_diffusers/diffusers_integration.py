@@ -98,7 +98,7 @@ class MaMeConfig(OperatorSettings):
     latent tokens (batch x latent height x width); smaller calls run exactly as without
     MaMe. ``None`` chooses per device from measurements: 65536 on CUDA (1024x1024 at batch
     8, 2048x2048 at batch 2: smaller calls are bound by kernel launches on a GPU), 0 on
-    CPUs. ``reuse_plans``: within one UNet forward, the first self-attention of a level
+    CPUs and on devices nothing was measured on (MPS, XPU). ``reuse_plans``: within one UNet forward, the first self-attention of a level
     plans the merge and every other one at that level (or in the same deep stack) reuses
     that plan, instead of planning again.
 
