@@ -98,9 +98,9 @@ class MaMeConfig(OperatorSettings):
     latent tokens (batch x latent height x width); smaller calls run exactly as without
     MaMe. ``None`` chooses per device from measurements: 65536 on CUDA (1024x1024 at batch
     8, 2048x2048 at batch 2: smaller calls are bound by kernel launches on a GPU), 0 on
-    CPUs and on devices nothing was measured on (MPS, XPU). ``reuse_plans``: within one UNet forward, the first self-attention of a level
-    plans the merge and every other one at that level (or in the same deep stack) reuses
-    that plan, instead of planning again.
+    CPUs and on devices nothing was measured on (MPS, XPU). ``reuse_plans``: within one
+    UNet forward, the first self-attention of a level plans the merge and every other one at
+    that level (or in the same deep stack) reuses that plan, instead of planning again.
 
     ``stack_ratio``: in deep transformer stacks (``Transformer2DModel`` with at least
     ``stack_min_layers`` blocks: SDXL's 10-layer stacks; SD 1.x/2.x have none), within
