@@ -74,7 +74,6 @@ def _bipartite_round(
 
     Returns the merged tokens, metric and sizes, and ``slot`` (B, n): where each input token went.
     """
-    a, b = tokens[:, ::2], tokens[:, 1::2]
     size_a, size_b = sizes[:, ::2], sizes[:, 1::2]
     scores = F.normalize(metric[:, ::2], dim=-1) @ F.normalize(metric[:, 1::2], dim=-1).transpose(-1, -2)
     best, best_b = scores.max(dim=-1)
@@ -100,7 +99,7 @@ def _bipartite_round(
     slot_a.scatter_(1, merged_a, kept + target)
     slot = torch.empty(tokens.shape[:2], dtype=torch.long, device=tokens.device)
     slot[:, ::2] = slot_a
-    slot[:, 1::2] = kept + torch.arange(b.shape[1], device=tokens.device)
+    slot[:, 1::2] = kept + torch.arange(size_b.shape[1], device=tokens.device)
     return merge(tokens) / divisor, merge(metric) / divisor, new_sizes, slot
 
 

@@ -26,7 +26,6 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import (
     AttnProcessor2_0,
-    FusedAttnProcessor2_0,
     IPAdapterAttnProcessor2_0,
     SlicedAttnProcessor,
 )
