@@ -254,8 +254,8 @@ json.dump(report, sys.stdout)
 def test_kernels_compile_for_gpus_without_one():
     # The interpreter runs the kernels' Python, not Triton's compiler: compile them for a
     # Hopper (sm_90) and an Ampere (sm_80) GPU as a 768x768 SD 2.1 latent launches them (and
-    # with token sizes, as in deep stacks). In a
-    # process of its own: Triton's compiler does not run where its interpreter is on.
+    # with token sizes, as in deep stacks). In a process of its own: Triton's compiler does
+    # not run where its interpreter is on.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
