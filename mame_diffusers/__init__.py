@@ -1,8 +1,8 @@
 """mame-diffusers: MaMe + MaRe matrix-based token merging for diffusers and transformers.
 
-The operator lives in :mod:`mame_diffusers.merging` (pure tensor math); the diffusers
-integration in :mod:`mame_diffusers.diffusers_integration`; the transformers vision-model
-integration in :mod:`mame_diffusers.transformers_integration`.
+The operator lives in :mod:`mame_diffusers.merging` (pure tensor math); each integration in
+its own package: :mod:`mame_diffusers.diffusers_integration` (UNets) and
+:mod:`mame_diffusers.transformers_integration` (vision transformers).
 
 Names are imported on first use: ``import mame_diffusers.merging`` (the operator alone)
 does not pull in diffusers or transformers, which take seconds to import.
@@ -19,12 +19,10 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "apply_mame": "api",
     "remove_mame": "api",
-    "DEFAULT_RATIO": "diffusers_integration",
+    "DEFAULT_RATIO": "defaults",
     "MaMeConfig": "diffusers_integration",
     "MaMeProcessor": "diffusers_integration",
-    "DEFAULT_BLOCK": "merging",
-    "DEFAULT_HALO": "merging",
-    "DEFAULT_TAU": "merging",
+    "DEFAULT_BLOCK": "defaults",
     "MergePlan": "merging",
     "merge_layout": "merging",
     "plan_merge": "merging",

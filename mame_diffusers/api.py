@@ -40,12 +40,12 @@ def apply_mame(target: Target, ratio: float | Sequence[float] | None = None, **s
         ratio: the merge ratio, in ``[0, 1)``. UNets: the attention budget of each merging
             self-attention, as tomesd's ratio. Vision models: the fraction of tokens each
             merging layer removes, or a per-layer schedule (a sequence).
-        **settings: any other field of :class:`~mame_diffusers.MaMeConfig` (UNets: ``tau``,
-            ``max_downsample``, ``query_share``, ``stack_ratio``, ``block``, ``halo``,
-            ``anchor``, ``temperature``, ``straight_through``, ``proportional_attention``,
-            ...) or of :class:`~mame_diffusers.VisionMaMeConfig` (vision models: ``layers``,
-            ``tau``, ``video_grid``, ...). Settings not given take that class's defaults;
-            settings of the other kind of model raise ``ValueError``.
+        **settings: any other field of :class:`~mame_diffusers.MaMeConfig` (UNets:
+            ``max_downsample``, ``min_latent_tokens``, ``keys_values_only``, ``stack_ratio``,
+            ``block``, ``backend``) or of :class:`~mame_diffusers.VisionMaMeConfig` (vision
+            models: ``layers``, ``block``, ``video_grid``, ``similarity_channels``).
+            Settings not given take that class's defaults; settings of the other kind of
+            model raise ``ValueError``.
     """
     if ratio is not None:
         settings["ratio"] = ratio

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .defaults import DEFAULT_RATIO, DEFAULT_TAU
+from .defaults import DEFAULT_RATIO
 from .generation import METHODS
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -24,13 +24,6 @@ def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
-    return value
-
-
-def _tau(text: str) -> float:
-    value = float(text)
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"tau must be in [-1, 1], got {text}")
     return value
 
 
@@ -68,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture built offline with random weights)",
     )
     common.add_argument("--dtype", default="float32", choices=_DTYPES)
-    common.add_argument("--tau", type=_tau, default=DEFAULT_TAU, help=f"MaMe threshold (default {DEFAULT_TAU})")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--out", default="outputs", help="folder for the JSON, Markdown and PNG results")
     common.add_argument("--quick", action="store_true", help="tiny random model: a smoke run in seconds")
@@ -134,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="a further MaMe setting passed to apply_mame, e.g. --mame min_latent_tokens=0 (repeatable); "
-        "recorded in the manifest with --ratio and --tau",
+        "recorded in the manifest with --ratio",
     )
     generate.add_argument(
         "--compare",
@@ -150,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_logs()
     from . import generation
     from .benchmarking import runs
+    from .loading import UsageError, resolve_device
 
     try:
         if args.command == "generate" and args.prompts is not None:
             result = generation.run_prompts(args)
         elif args.command == "generate":
             if args.method is not None or args.compare or args.batch_size != 1:
-                raise runs.UsageError(
+                raise UsageError(
                     "--method, --compare and --batch-size apply to --prompts; --prompt draws every method"
                 )
-            result = runs.run_generate(args, runs.resolve_device(args.device or "cpu"))
+            result = runs.run_generate(args, resolve_device(args.device or "cpu"))
         else:
-            result = runs.run_bench(args, runs.resolve_device(args.device))
-    except (runs.UsageError, generation.UsageError) as error:
+            result = runs.run_bench(args, resolve_device(args.device))
+    except UsageError as error:
         print(f"mame-diffusers: error: {error}", file=sys.stderr)
         return 2
     for path in result:

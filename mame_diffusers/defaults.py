@@ -1,52 +1,41 @@
 """Every default setting of MaMe, in one light module (no torch, diffusers or
 transformers import), so that the command line can show them instantly.
 
-The operator's defaults are re-exported by :mod:`mame_diffusers.merging`, the UNet's by
-:mod:`mame_diffusers.diffusers_integration`; the vision models' live with
-:class:`~mame_diffusers.VisionMaMeConfig`.
+Each default says where it was measured; ``docs/frontier.md`` and ``docs/ablation.md`` hold
+the numbers. The vision models' defaults live with :class:`~mame_diffusers.VisionMaMeConfig`.
 """
 
-# -- the operator (merging.py) ------------------------------------------------------------
+# -- the operator (mame_diffusers/merging) -------------------------------------------------
 
-#: Similarity threshold: a token leaves its own cell only for an anchor at least this similar.
-DEFAULT_TAU = 0.0
-#: What each cell offers to merge into (see :func:`plan_merge`); ``"ranked"`` has no cells:
-#: it picks the slots by content among a block's tokens (or all of them, ``block=None``).
-ANCHORS = ("strided", "random", "pooled", "distinct", "ranked")
-DEFAULT_ANCHOR = "strided"
-#: Side of the token blocks in which anchors are placed (``None``: the whole grid).
-DEFAULT_BLOCK = 8
-#: How many anchor cells beyond its block (on every side) a token may merge into.
-DEFAULT_HALO = 2
-#: k-means steps on the anchors before the final assignment (``refine``).
-DEFAULT_REFINE = 0
-#: How merged outputs go back to the tokens: ``"copy"`` each token its slot's value,
-#: ``"affine"`` the combination of nearby slots that best rebuilds its own input.
-RESTORES = ("copy", "affine")
-DEFAULT_RESTORE = "copy"
+#: Side of the blocks in which UNets and DiTs choose their slots: ranked slots in blocks of
+#: 16 x 16 tokens with the affine restore were the most faithful operator measured on an SD
+#: 2.1 self-attention, at every ratio, at random and at sharpened attention (docs/fidelity.md);
+#: blocks of 8 are cheaper and less faithful, the whole grid (``None``) costs N x N.
+DEFAULT_BLOCK = 16
 
-# -- diffusers UNets (diffusers_integration.py) -------------------------------------------
+# -- diffusers UNets (mame_diffusers/diffusers_integration) --------------------------------
 
 #: What computes the UNet's merges: ``"torch"`` the operator's ATen path (every device,
 #: differentiable, traced by ``torch.compile``); ``"triton"`` fused kernels on CUDA
-#: (``mame_diffusers/kernels.py``: two launches to plan and merge instead of some 27);
-#: ``"auto"`` the kernels where they can run (CUDA tensors, no gradient wanted, triton
-#: importable, the default operator), the torch path elsewhere.
+#: (``mame_diffusers/merging/kernels.py``); ``"auto"`` the kernels where they can run (CUDA
+#: tensors, no gradient wanted, triton importable), the torch path elsewhere.
 BACKENDS = ("torch", "triton", "auto")
 #: The Triton kernels match the torch path in tests but have not been timed on a GPU yet.
 DEFAULT_BACKEND = "torch"
 
-# Chosen from measurements on the SD 2.1 architecture (docs/ablation.md) and an H200.
-#: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio) tokens.
+#: Attention budget, as tomesd's ratio: attention costs as much as over N * (1 - ratio)
+#: tokens. Chosen on the SD 2.1 768 speed-error frontier (docs/frontier.md).
 DEFAULT_RATIO = 0.75
-#: Share of the merging, in log terms, that falls on the queries (the rest on keys/values).
-DEFAULT_QUERY_SHARE = 0.0
+#: Share of the merging, in log terms, that falls on the queries (MaMe + MaRe): queries
+#: merge to N * (1 - ratio) ** share and are restored after attention, keys and values merge
+#: to N * (1 - ratio) ** (2 - share). ``keys_values_only=True`` is a share of 0.
+QUERY_SHARE = 1.0
 #: Attention levels that merge, counted from the highest-resolution one with attention.
 DEFAULT_MAX_DOWNSAMPLE = 2
 #: Tokens merged before deep transformer stacks (SDXL's 10-layer ones) and restored after.
 DEFAULT_STACK_RATIO = 0.5
-#: A Transformer2DModel with at least this many blocks counts as a deep stack.
-DEFAULT_STACK_MIN_LAYERS = 4
+#: A Transformer2DModel with at least this many blocks is a deep stack (SDXL: 10; SD: 1).
+STACK_MIN_LAYERS = 4
 #: Per device type, when ``min_latent_tokens`` is not given: UNet calls with fewer latent
 #: tokens in the batch (batch x latent height x width) than this run unmerged. Measured on an
 #: H200 (benchmarks/results/gpu_h200_run*):
@@ -63,4 +52,7 @@ DEFAULT_STACK_MIN_LAYERS = 4
 #:   there (SD 2.1 768 b2 1.09x, 1024 b2 1.36x over compiled stock).
 #: - CPUs gain at every size. Other device types (MPS, XPU) were not measured: they merge
 #:   every call, as CPUs do.
+#:
+#: These thresholds were measured with the keys/values-only operator of v0.2.0; the present
+#: default operator has not run on a GPU (README, "On a GPU").
 DEFAULT_MIN_LATENT_TOKENS = {"cuda": 65536, "cuda-graph": 16384}

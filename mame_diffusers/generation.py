@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Container, Iterable, Sequence
 
+from .loading import UsageError
+from .methods import parse_mame_settings
+
 __all__ = [
     "METHODS",
     "Job",
@@ -69,10 +72,6 @@ PARTS = "manifest.parts"
 #: Record fields that must match for an earlier image to count for this run.
 IDENTITY = ("method", "settings", "model", "resolution", "steps", "dtype")
 _TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for (reported as one line by the CLI)."""
 
 
 # -- prompts, settings and jobs (pure) ----------------------------------------------------------
@@ -116,38 +115,6 @@ def read_prompts(path: str | Path) -> list[str]:
 def plan_jobs(prompts: Sequence[str], seed: int) -> list[Job]:
     """One job per prompt; prompt ``i`` gets seed ``seed + i``."""
     return [Job(index, prompt, seed + index) for index, prompt in enumerate(prompts)]
-
-
-def _value(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_mame_settings(items: Iterable[str]) -> dict[str, Any]:
-    """``["min_latent_tokens=0", "anchor=strided"]`` -> ``{"min_latent_tokens": 0, "anchor": "strided"}``.
-
-    Values become ``bool`` (true/false), ``None`` (none/null), ``int`` or ``float`` when they
-    read as one, else stay text.
-    """
-    settings: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UsageError(f"--mame takes KEY=VALUE (a MaMe setting), got {item!r}")
-        if key in ("ratio", "tau"):
-            raise UsageError(f"set {key} with --{key}, not --mame")
-        settings[key] = _value(value)
-    return settings
 
 
 # -- the manifest and what is done (pure) -------------------------------------------------------
@@ -327,7 +294,7 @@ class RunSpec:
 
 def _method(spec: RunSpec):
     """The :class:`~mame_diffusers.benchmarking.unet.Method` that patches the UNet for ``spec``."""
-    from .benchmarking.unet import baseline, mame, tomesd_method
+    from .methods import baseline, mame, tomesd_method
 
     if spec.method == "stock":
         return baseline()
@@ -373,7 +340,7 @@ def process_state(device: str | None):
 def _process_device(requested: str | None, state):
     """The device this process runs on: accelerate's (its GPU, or the CPU) unless
     ``--device`` names another kind, or a device by index on a single process."""
-    from .benchmarking.runs import resolve_device
+    from .loading import resolve_device
 
     if requested is None:
         return state.device
@@ -541,7 +508,7 @@ def _specs(args, resolution: int) -> list[RunSpec]:
     if method == "mame":
         from .diffusers_integration import MaMeConfig
 
-        settings = {"ratio": args.ratio, "tau": args.tau, **extra}
+        settings = {"ratio": args.ratio, **extra}
         try:
             MaMeConfig(**settings)
         except (TypeError, ValueError) as error:
@@ -572,8 +539,7 @@ def run_prompts(args) -> list[Path]:
     from accelerate.utils import gather_object
 
     from .benchmarking.report import environment, write_report
-    from .benchmarking.runs import load_pipeline, resolve_dtype
-    from .benchmarking.runs import UsageError as RunsUsageError
+    from .loading import load_pipeline, resolve_dtype
 
     prompts = read_prompts(args.prompts)
     resolution = 128 if args.quick and args.resolution == 512 else args.resolution
@@ -583,12 +549,9 @@ def run_prompts(args) -> list[Path]:
     jobs = plan_jobs(prompts, args.seed)
 
     state = process_state(args.device)
-    try:
-        device = _process_device(args.device, state)
-        dtype = resolve_dtype(args.dtype, device)
-        pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
-    except RunsUsageError as error:
-        raise UsageError(str(error)) from error
+    device = _process_device(args.device, state)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
 
     runs = []
     for spec in specs:

@@ -40,9 +40,8 @@ __all__ = ["StableDiffusionMaMePipeline"]
 #: Call arguments this pipeline adds, and the MaMe setting each one sets.
 MAME_CALL_ARGUMENTS = {
     "mame_ratio": "ratio",
-    "mame_tau": "tau",
     "mame_max_downsample": "max_downsample",
-    "mame_query_share": "query_share",
+    "mame_keys_values_only": "keys_values_only",
 }
 
 
@@ -51,10 +50,9 @@ class StableDiffusionMaMePipeline(StableDiffusionPipeline):
 
     Extra call arguments (all optional; giving any of them turns MaMe on for the call):
 
-    * ``mame_ratio``: fraction of self-attention tokens merged away, in ``[0, 1)``;
-    * ``mame_tau``: similarity threshold in ``[-1, 1]``;
+    * ``mame_ratio``: the attention budget of merged self-attention, in ``[0, 1)``;
     * ``mame_max_downsample``: merge at attention levels down to this downsampling;
-    * ``mame_query_share``: how the budget splits between queries and keys/values.
+    * ``mame_keys_values_only``: merge only keys and values (nothing to restore).
 
     Settings not given come from an earlier :func:`mame_diffusers.apply_mame` on this
     pipeline, else from MaMe's defaults. Unknown ``mame_*`` arguments raise ``TypeError``

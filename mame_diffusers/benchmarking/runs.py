@@ -11,57 +11,13 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from .. import DEFAULT_TAU
 from ..defaults import DEFAULT_MAX_DOWNSAMPLE
-from ..offline import offline_pipeline_components
+from ..loading import UsageError, load_pipeline, resolve_dtype
 from .report import environment, markdown_table, write_report
-from .unet import Method, baseline, call_like_a_pipeline, compare_unet, mame, tomesd_method
+from ..methods import Method, baseline, mame, parse_mame_settings, tomesd_method
+from .unet import call_like_a_pipeline, compare_unet
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: reported as one line, no traceback."""
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("CUDA was requested (--device cuda) but no GPU is available to torch")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    dtype = getattr(torch, name)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UsageError("float16 runs on GPUs; on a CPU use --dtype float32 or bfloat16")
-    return dtype
-
-
-def load_pipeline(model: str | None, *, quick: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The pipeline to measure: real weights from ``model``, else built offline."""
-    from ..pipeline_stable_diffusion_mame import StableDiffusionMaMePipeline
-
-    if model is not None:
-        if quick:
-            raise UsageError("--quick builds a tiny random model; it cannot be combined with --model")
-        try:
-            # Cast after loading: the dtype keyword's name differs across diffusers versions.
-            pipe = StableDiffusionMaMePipeline.from_pretrained(model)
-        except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"cannot load model {model!r}: {reason}") from error
-    else:
-        # Built on the device in the dtype: no cast afterwards (diffusers warns on every one).
-        components = offline_pipeline_components("tiny" if quick else "sd21", seed=seed, device=device, dtype=dtype)
-        pipe = StableDiffusionMaMePipeline(**components)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
 
 
 def _latents(pipe, resolution: int, batch: int, seed: int) -> torch.Tensor:
@@ -93,30 +49,17 @@ def _unet_inputs(pipe, resolution: int, seed: int) -> dict[str, Any]:
     }
 
 
-def bench_methods(ratios: Sequence[float], tau: float) -> list[Method]:
+def bench_methods(ratios: Sequence[float]) -> list[Method]:
     """Baseline, then at each ratio (equal attention cost, as tomesd counts its ratio):
-
-    - MaMe as it ships (keys/values merged, every query kept);
-    - its peer at the same key/value length: keys/values average-pooled on the grid
-      (ToDo-style downsampling; MaMe with ``tau=1`` is exactly that);
-    - MaMe merge + restore of queries, keys and values (``query_share=1``, the paper's MaMe +
-      MaRe), whose peer is tomesd;
-    - tomesd at MaMe's ``max_downsample`` (when installed).
-    """
+    MaMe as it ships (merge + restore), and tomesd at MaMe's ``max_downsample`` (when
+    installed)."""
     methods = [baseline()]
     for ratio in ratios:
-        methods.append(_mame_at(ratio, tau))
-        methods.append(mame(f"K/V avg-pool (ToDo-style, ratio={ratio})", ratio=ratio, tau=1.0))
-        methods.append(_mame_at(ratio, tau, query_share=1.0))
+        methods.append(mame(ratio=ratio))
         peer = tomesd_method(ratio, max_downsample=DEFAULT_MAX_DOWNSAMPLE)
         if peer is not None:
             methods.append(peer)
     return methods
-
-
-def _mame_at(ratio: float, tau: float, **settings: Any) -> Method:
-    """MaMe at ``ratio`` (and any further ``settings``); ``tau`` named only when it is not the default."""
-    return mame(ratio=ratio, **settings) if tau == DEFAULT_TAU else mame(ratio=ratio, tau=tau, **settings)
 
 
 def time_pipeline(
@@ -159,7 +102,6 @@ def benchmark(
     *,
     resolution: int,
     ratios: Sequence[float],
-    tau: float = DEFAULT_TAU,
     repeats: int = 3,
     steps: int | None = 2,
     pipeline_rounds: int = 2,
@@ -169,7 +111,7 @@ def benchmark(
     """Baseline vs MaMe vs its peers on ``pipe`` (:func:`bench_methods`): UNet calls, then
     (``steps``) pipeline calls."""
     inputs = _unet_inputs(pipe, resolution, seed)
-    methods = bench_methods(ratios, tau)
+    methods = bench_methods(ratios)
     call = None
     if compile:
         compiled = torch.compile(pipe.unet)
@@ -235,7 +177,6 @@ def run_bench(args, device: torch.device) -> list[Path]:
         pipe,
         resolution=resolution,
         ratios=args.ratios,
-        tau=args.tau,
         repeats=args.repeats,
         steps=steps,
         pipeline_rounds=args.pipeline_rounds,
@@ -332,14 +273,12 @@ def generate_grid(pipe, methods: list[Method], *, prompt: str, resolution: int, 
 
 
 def run_generate(args, device: torch.device) -> list[Path]:
-    from ..generation import parse_mame_settings
-
     extra = parse_mame_settings(getattr(args, "mame", None) or [])
     dtype = resolve_dtype(args.dtype, device)
     resolution = 128 if args.quick and args.resolution == 512 else args.resolution
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
     methods = [baseline(), *[m for m in [tomesd_method(args.ratio)] if m is not None]]
-    methods.append(_mame_at(args.ratio, args.tau, **extra))
+    methods.append(mame(ratio=args.ratio, **extra))
     grid = generate_grid(pipe, methods, prompt=args.prompt, resolution=resolution, steps=args.steps, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

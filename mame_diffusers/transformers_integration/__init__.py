@@ -7,7 +7,7 @@ Every transformers concept MaMe touches lives in this package, one module each (
   merges the hidden states entering it (MaMe). Nothing is restored (no MaRe): classification
   and pooled features need only the merged tokens. Special tokens (CLS; DeiT's CLS and
   distillation tokens) are split off by slicing, never merged, and put back in front.
-* **Later merges.** Merged tokens keep the anchor-grid layout (``MergePlan.merged_hw``): the
+* **Later merges.** Merged tokens keep the slot-grid layout (``MergePlan.merged_hw``): the
   ``M`` tokens of one merge lie row-major on an ``Hm x Wm`` grid, so the next merging layer
   merges them again on that smaller grid, weighting each by its size. Shapes stay static and
   the path stays matrix-only.

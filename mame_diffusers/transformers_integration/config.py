@@ -5,14 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..defaults import DEFAULT_REFINE
-from ..merging import (
-    DEFAULT_HALO,
-    DEFAULT_TAU,
-    OperatorSettings,
-    check_merge_settings,
-    is_number,
-)
+from ..merging import OperatorSettings, check_block, check_ratio, is_number
 
 # Defaults chosen with benchmarks/vit_benchmark.py (--sweep; results in benchmarks/results/).
 #: Fraction of the tokens entering each merging layer that the layer removes. On ViT-B/16 at
@@ -22,13 +15,12 @@ DEFAULT_VISION_RATIO = 0.1
 #: Global merging (one dense product per merge). On ViT-size grids it is about twice as fast
 #: on CPU as windowed merging (block=8), whose window bookkeeping outweighs its smaller products.
 DEFAULT_VISION_BLOCK: int | None = None
-#: Which tokens merge: ``"ranked"``, the most redundant ones wherever they are (bipartite
-#: matching by comparisons). On ViT-B/16 with attention sharpened to trained models' entropy
-#: (benchmarks/fidelity_vit.py, 60 photo crops) it keeps the pooled features at cosine 0.998
-#: where the grid-placed ``"strided"`` slots reach 0.971 (top-1 agreement 0.92 against 0.77),
-#: level with ToMe-style bipartite matching, and it is as fast on CPU (ViT-B/16 batch 32:
-#: 2.18x the unmerged model's throughput, against 2.15x; benchmarks/results/vit_cpu.md).
-DEFAULT_VISION_ANCHOR = "ranked"
+#: Which tokens merge is chosen by content, as in UNets: with one block of the whole grid,
+#: the most redundant tokens wherever they are (bipartite matching by comparisons). On
+#: ViT-B/16 with attention sharpened to trained models' entropy (benchmarks/fidelity_vit.py,
+#: 60 photo crops) it keeps the pooled features at cosine 0.998 where slots placed on the grid
+#: reached 0.971 (top-1 agreement 0.92 against 0.77), level with ToMe-style bipartite
+#: matching, and as fast on CPU (ViT-B/16 batch 32: 2.18x the unmerged model's throughput).
 #: Share of the encoder layers that merge by default (the paper: the first 8 of ViT-B's 12).
 DEFAULT_MERGING_SHARE = 2 / 3
 #: Channels that tokens are compared on when planning a merge (``None``: all). 64 halves the
@@ -71,23 +63,15 @@ class VisionMaMeConfig(OperatorSettings):
     Args:
         ratio: fraction of the tokens entering a merging layer that it removes, in ``[0, 1)``:
             one number for every merging layer, or a sequence with one ratio per merging
-            layer (a per-layer schedule). Merged grids are whole anchor grids, so the
+            layer (a per-layer schedule). Merged grids are whole slot grids, so the
             removed fraction is rounded up to whole rows or columns of the grid
             (see :func:`mame_diffusers.merge_layout`).
         layers: indices (from 0) of the encoder layers whose input is merged. ``None``: the
             first ``len(ratio)`` layers for a schedule, else the first two thirds of the
             layers (8 of ViT-B's 12, the paper's setting).
-        anchor: which tokens merge. ``"ranked"`` (the default): the most redundant ones,
-            wherever they are (global bipartite matching by comparisons; with a ``block``
-            it needs ``halo=0``, and it takes no ``tau``, ``temperature`` or ``refine``);
-            ``"strided"``, ``"distinct"``, ``"pooled"``, ``"random"``: slots placed on the
-            grid (see :func:`mame_diffusers.plan_merge`), which the other options apply to.
-        tau, block, halo, temperature, straight_through, refine: operator options,
-            see :func:`mame_diffusers.plan_merge` (vision models merge and never restore, so
-            the operator's ``restore`` has no field here).
-        proportional_attention: weight each merged key by the number of patches it stands
-            for (``log(size)`` added to its logits) in every layer after the first merge and
-            in SigLIP's pooling head.
+        block: side of the blocks in which tokens choose their slots; ``None`` (the
+            default): the whole grid, the most redundant tokens wherever they are (see
+            :func:`mame_diffusers.plan_merge`).
         video_grid: VideoMAE's ``(T, H, W)`` tokens: ``"per_frame"`` merges each frame's
             ``H x W`` grid on its own (tokens never merge across time); ``"spacetime"`` lays
             the tokens out on an ``H x (W*T)`` grid with time innermost, so a cell holds the
@@ -99,16 +83,9 @@ class VisionMaMeConfig(OperatorSettings):
 
     ratio: float | tuple[float, ...] = DEFAULT_VISION_RATIO
     layers: tuple[int, ...] | None = None
-    tau: float = DEFAULT_TAU
     block: int | None = DEFAULT_VISION_BLOCK
-    halo: int = DEFAULT_HALO
-    anchor: str = DEFAULT_VISION_ANCHOR
-    temperature: float | None = None
-    straight_through: bool = False
-    proportional_attention: bool = True
     video_grid: str = DEFAULT_VIDEO_GRID
     similarity_channels: int | None = DEFAULT_SIMILARITY_CHANNELS
-    refine: int = DEFAULT_REFINE
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, (list, tuple)):
@@ -119,11 +96,10 @@ class VisionMaMeConfig(OperatorSettings):
             ratios = (self.ratio,)
         else:
             raise ValueError(f"ratio must be a number in [0, 1) or a sequence of them, got {self.ratio!r}")
-        for ratio in ratios:
-            check_merge_settings(ratio=ratio, tau=0.0, block=None, halo=0)
-        object.__setattr__(self, "tau", self.check_operator_settings(ratios[0]))
+        ratios = tuple(check_ratio(ratio) for ratio in ratios)
+        object.__setattr__(self, "block", check_block(self.block))
         schedule = isinstance(self.ratio, (list, tuple))
-        object.__setattr__(self, "ratio", tuple(float(r) for r in ratios) if schedule else float(ratios[0]))
+        object.__setattr__(self, "ratio", ratios if schedule else ratios[0])
 
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
@@ -142,8 +118,6 @@ class VisionMaMeConfig(OperatorSettings):
                     f"{len(layers)} layers {layers}"
                 )
             object.__setattr__(self, "layers", layers)
-        if not isinstance(self.proportional_attention, bool):
-            raise ValueError(f"proportional_attention must be True or False, got {self.proportional_attention!r}")
         if self.video_grid not in VIDEO_GRIDS:
             raise ValueError(f"video_grid must be one of {VIDEO_GRIDS}, got {self.video_grid!r}")
         channels = self.similarity_channels

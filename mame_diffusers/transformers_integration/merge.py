@@ -7,10 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..merging import (
-    MergePlan,
-    merge_layout,
-)
+from ..merging import MergeLayout, MergePlan, merge_layout
 from .config import VisionMaMeConfig
 
 
@@ -19,14 +16,15 @@ class TokenMerge:
     """The result of merging the patch tokens entering one layer.
 
     ``tokens`` (B, M, C) and ``sizes`` (B, M) (0 marks an empty slot) replace the patch
-    tokens; ``grid`` is the grid they lie on (row-major), for the next merge; ``restore``
-    maps a (B, M, C') tensor back to the (B, N, C') layout of the tokens that were merged.
+    tokens; ``grid`` is the grid they lie on (row-major), for the next merge; ``spread``
+    maps a (B, M, C') tensor back to the (B, N, C') layout of the tokens that were merged,
+    every token its slot's value (how membership maps are drawn).
     """
 
     tokens: torch.Tensor
     sizes: torch.Tensor
     grid: tuple[int, ...]
-    restore: Callable[[torch.Tensor], torch.Tensor]
+    spread: Callable[[torch.Tensor], torch.Tensor]
 
 
 #: ``(patch tokens, grid, sizes or None, ratio, config) -> TokenMerge``, or ``None`` when
@@ -52,25 +50,26 @@ def mame_token_merge(
         hw = grid[1:]
     else:
         hw = (grid[1], grid[2] * grid[0])
-    if merge_layout(hw, ratio, block=config.block, halo=config.halo).num_merged == hw[0] * hw[1]:
+    layout = merge_layout(hw, ratio, block=config.block)
+    if not layout.merges:
         return None
     if len(grid) == 2:
-        plan, merged = _merge_on_grid(patches, grid, sizes, ratio, config)
-        return TokenMerge(merged, plan.sizes, plan.merged_hw, plan.restore)
+        plan, merged = _merge_on_grid(patches, layout, sizes, config)
+        return TokenMerge(merged, plan.sizes, plan.merged_hw, plan.spread)
     frames, height, width = grid
     batch, _, channels = patches.shape
     if config.video_grid == "per_frame":
         # Frames fold into the batch: each frame's H x W grid merges on its own.
         flat = patches.reshape(batch * frames, height * width, channels)
         flat_sizes = None if sizes is None else sizes.reshape(batch * frames, height * width)
-        plan, merged = _merge_on_grid(flat, (height, width), flat_sizes, ratio, config)
+        plan, merged = _merge_on_grid(flat, layout, flat_sizes, config)
 
-        def restore_frames(tokens: torch.Tensor) -> torch.Tensor:
-            restored = plan.restore(tokens.reshape(batch * frames, plan.num_merged, tokens.shape[-1]))
-            return restored.reshape(batch, frames * height * width, tokens.shape[-1])
+        def spread_frames(tokens: torch.Tensor) -> torch.Tensor:
+            spread = plan.spread(tokens.reshape(batch * frames, plan.num_merged, tokens.shape[-1]))
+            return spread.reshape(batch, frames * height * width, tokens.shape[-1])
 
         merged = merged.reshape(batch, frames * plan.num_merged, channels)
-        return TokenMerge(merged, plan.sizes.reshape(batch, -1), (frames, *plan.merged_hw), restore_frames)
+        return TokenMerge(merged, plan.sizes.reshape(batch, -1), (frames, *plan.merged_hw), spread_frames)
 
     # Space-time: (t, h, w) order -> an H x (W*T) grid with time innermost; later merges see
     # only the merged 2-D grid. A permute, not an index op.
@@ -85,15 +84,15 @@ def mame_token_merge(
         return grid5.reshape(batch, frames * height * width, *tail)
 
     spacetime_sizes = None if sizes is None else to_spacetime(sizes)
-    plan, merged = _merge_on_grid(to_spacetime(patches), hw, spacetime_sizes, ratio, config)
-    return TokenMerge(merged, plan.sizes, plan.merged_hw, lambda t: from_spacetime(plan.restore(t)))
+    plan, merged = _merge_on_grid(to_spacetime(patches), layout, spacetime_sizes, config)
+    return TokenMerge(merged, plan.sizes, plan.merged_hw, lambda t: from_spacetime(plan.spread(t)))
 
 
 def _merge_on_grid(
-    tokens: torch.Tensor, hw: tuple[int, int], sizes: torch.Tensor | None, ratio: float, config: VisionMaMeConfig
+    tokens: torch.Tensor, layout: MergeLayout, sizes: torch.Tensor | None, config: VisionMaMeConfig
 ) -> tuple[MergePlan, torch.Tensor]:
     """Plan on the similarity features, merge the tokens at full width."""
-    plan = config.plan(similarity_features(tokens, config.similarity_channels), hw, ratio, sizes)
+    plan = config.plan_on(similarity_features(tokens, config.similarity_channels), layout, sizes)
     return plan, plan.merge(tokens)
 
 
@@ -101,7 +100,7 @@ def similarity_features(tokens: torch.Tensor, channels: int | None) -> torch.Ten
     """What tokens are compared on: ``channels`` sums of equal groups of adjacent channels.
 
     A fixed sparse projection, computed by a reshape and a sum. Like ToMe's head-averaged
-    keys it keeps cosine similarity close while making the similarity and anchor products
+    keys it keeps cosine similarity close while making the similarity products
     ``C / channels`` times cheaper. ``None``, or a count that does not divide the width,
     compares the tokens as they are.
     """
@@ -114,11 +113,11 @@ def similarity_features(tokens: torch.Tensor, channels: int | None) -> torch.Ten
 @dataclass
 class MergeRecord:
     """One merge of the last forward pass: which layer's input, onto which grid, with which
-    sizes ``(B, M)`` (detached). ``restore`` is kept only while :func:`merge_membership` records."""
+    sizes ``(B, M)`` (detached). ``spread`` is kept only while :func:`merge_membership` records."""
 
     layer: int
     grid: tuple[int, ...]
     sizes: torch.Tensor
-    restore: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    spread: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 

@@ -68,7 +68,7 @@ class _MergeState:
         self.patch_size = _pair(tower.config.patch_size)
         self.tubelet_size = int(getattr(tower.config, "tubelet_size", 1))
         self.signature = inspect.signature(tower.forward)
-        self.record_restores = False
+        self.record_spreads = False
         #: Inside a VideoMAEForVideoClassification call, whose mean pooling needs the sizes.
         self.classifying = False
         self.history: list[MergeRecord] = []
@@ -162,15 +162,15 @@ class _MergeState:
         tokens = torch.cat([hidden[:, :specials], step.tokens], dim=1) if specials else step.tokens
         self.grid, self.sizes, self.valid_tokens = tuple(step.grid), step.sizes, None
         self.key_bias[tokens.shape[1]] = self._key_bias(step.sizes, tokens.dtype)
-        restore = step.restore if self.record_restores else None
-        self.history.append(MergeRecord(layer_index, self.grid, step.sizes.detach(), restore))
+        spread = step.spread if self.record_spreads else None
+        self.history.append(MergeRecord(layer_index, self.grid, step.sizes.detach(), spread))
         if args:
             return (tokens, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": tokens}
 
     def _key_bias(self, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``(B, 1, 1, L)``: log-size per key (0 for special tokens); empty slots masked."""
-        bias = proportional_attention_bias(sizes, dtype, proportional=self.config.proportional_attention)
+        bias = proportional_attention_bias(sizes, dtype)
         if self.family.special_tokens:
             bias = torch.cat([bias.new_zeros(bias.shape[0], self.family.special_tokens), bias], dim=1)
         return bias[:, None, None, :]

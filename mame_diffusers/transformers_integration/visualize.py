@@ -26,10 +26,10 @@ def merge_membership(model: nn.Module, **inputs: Any) -> list[tuple[int, torch.T
 
     ``membership`` is ``(B, N, M)``: row ``i`` is one-hot on the merged token that original
     patch ``i`` ended up in (row-stochastic with a soft assignment). It is built matrix-only,
-    by restoring the identity of the ``M`` merged tokens through every plan back to the patches.
+    by spreading the identity of the ``M`` merged tokens through every plan back to the patches.
     """
     state = _patch_of(model).state
-    state.record_restores = True
+    state.record_spreads = True
     try:
         with torch.no_grad():
             model(**inputs)
@@ -40,12 +40,12 @@ def merge_membership(model: nn.Module, **inputs: Any) -> list[tuple[int, torch.T
             identity = torch.eye(merged, dtype=record.sizes.dtype, device=record.sizes.device)
             membership = identity.expand(batch, merged, merged)
             for earlier in reversed(records[: k + 1]):
-                membership = earlier.restore(membership)
+                membership = earlier.spread(membership)
             memberships.append((record.layer, membership))
     finally:
-        state.record_restores = False
+        state.record_spreads = False
         for record in state.history:  # the plans hold activations: let them go
-            record.restore = None
+            record.spread = None
     return memberships
 
 
