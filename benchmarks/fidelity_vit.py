@@ -95,10 +95,7 @@ def main() -> None:
     default = VisionMaMeConfig()
     methods = {
         "MaMe default (ranked)": VisionMaMeConfig(),
-        "MaMe strided (the default before)": VisionMaMeConfig(anchor="strided"),
-        "MaMe strided, refine=1": VisionMaMeConfig(anchor="strided", refine=1),
-        "MaMe distinct anchors": VisionMaMeConfig(anchor="distinct"),
-        "MaMe distinct anchors, refine=1": VisionMaMeConfig(anchor="distinct", refine=1),
+        "MaMe in blocks of 8": VisionMaMeConfig(block=8),
         "ToMe-style bipartite, same counts": None,
     }
     rows, settings = [], []

@@ -112,7 +112,7 @@ def tome_token_merge(
     layer gets the same token count."""
     if len(grid) != 2:
         raise NotImplementedError("the ToMe-style peer is benchmarked on images only")
-    layout = merge_layout(grid, ratio, block=config.block, halo=config.halo)
+    layout = merge_layout(grid, ratio, block=config.block)
     if layout.num_merged == patches.shape[1]:
         return None
     tokens, metric = patches, similarity_features(patches, config.similarity_channels)
@@ -260,26 +260,21 @@ def methods_for(subject: Subject, sweep: bool) -> list[Method]:
             Method("baseline"),
             Method("MaMe default (per-frame grid)", replace(default, video_grid="per_frame")),
             Method("MaMe space-time grid, ratio=0.13", replace(default, video_grid="spacetime", ratio=0.13)),
-            Method("MaMe strided slots (per-frame grid)", replace(default, video_grid="per_frame", anchor="strided")),
         ]
     methods = [
         Method("baseline"),
         Method("MaMe default", default),
-        Method("MaMe strided slots (the default before)", replace(default, anchor="strided")),
         Method("ToMe-style bipartite, same counts", default, tome_token_merge),
     ]
     if sweep:
         variants = {
-            "windowed (block=8)": dict(block=8, anchor="strided"),
+            "in blocks (block=8)": dict(block=8),
             "all channels compared": dict(similarity_channels=None),
-            "windowed, all channels": dict(block=8, similarity_channels=None, anchor="strided"),
+            "in blocks, all channels": dict(block=8, similarity_channels=None),
             "ratio=0.08": dict(ratio=0.08),
             "ratio=0.12": dict(ratio=0.12),
             "ratio=0.15": dict(ratio=0.15),
             "from layer 1 (not the embeddings)": dict(layers=tuple(range(1, round(subject.layers * 2 / 3) + 1))),
-            "no proportional attention": dict(proportional_attention=False),
-            "pooled anchors": dict(anchor="pooled"),
-            "strided, tau=0.5": dict(tau=0.5, anchor="strided"),
         }
         methods += [Method(f"MaMe {name}", replace(default, **change)) for name, change in variants.items()]
     return methods
@@ -410,7 +405,7 @@ def merge_step_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> l
     patches = repeat_to(photos, 32).to(device, dtype)
     methods = {
         "MaMe default (ranked)": (mame_token_merge, config),
-        "MaMe strided slots": (mame_token_merge, replace(config, anchor="strided")),
+        "MaMe in blocks of 8": (mame_token_merge, replace(config, block=8)),
         "ToMe-style bipartite": (tome_token_merge, config),
     }
     calls = {

@@ -11,7 +11,7 @@ import torch
 
 from .loading import UsageError
 
-__all__ = ["Method", "baseline", "mame", "parse_mame_settings", "tomesd_method"]
+__all__ = ["Method", "baseline", "mame", "parse_mame_settings", "share_of_tokens", "tomesd_method"]
 
 
 @dataclass
@@ -31,7 +31,7 @@ def baseline() -> Method:
     return Method("baseline (SDPA)", lambda unet: None, lambda unet: None)
 
 
-def _share(kept: float) -> str:
+def share_of_tokens(kept: float) -> str:
     """``0.0625`` -> ``"N/16"``: the length a fraction ``kept`` of N tokens comes to."""
     if kept >= 1.0:
         return "N"
@@ -50,7 +50,7 @@ def mame(name: str | None = None, **settings: Any) -> Method:
     except (TypeError, ValueError):  # patching raises the same, and the benchmark records it
         attends = "?"
     else:
-        queries, keys = _share(1.0 - config.query_ratio), _share(1.0 - config.kv_ratio)
+        queries, keys = share_of_tokens(1.0 - config.query_ratio), share_of_tokens(1.0 - config.kv_ratio)
         attends = f"Q/K/V {queries}" if queries == keys else f"Q {queries}, K/V {keys}"
     return Method(
         name or (f"MaMe ({label})" if label else "MaMe (defaults)"),
@@ -73,7 +73,7 @@ def tomesd_method(ratio: float, **settings: Any) -> Method | None:
         lambda unet: tomesd.apply_patch(unet, ratio=ratio, **settings),
         tomesd.remove_patch,
         {"ratio": ratio, **settings},
-        f"Q/K/V {_share(1.0 - ratio)}",  # merged before attention, unmerged after
+        f"Q/K/V {share_of_tokens(1.0 - ratio)}",  # merged before attention, unmerged after
     )
 
 

@@ -7,7 +7,7 @@ launch nothing, so UNet calls merge from a smaller size than eager CUDA calls do
 
 import torch
 
-import mame_diffusers.merging as merging
+import mame_diffusers.merging.layout as layout_module
 from mame_diffusers import MaMeConfig
 from mame_diffusers.defaults import DEFAULT_MIN_LATENT_TOKENS
 from mame_diffusers.merging import cuda_graph_recording, merge_layout
@@ -24,19 +24,19 @@ def test_recording_is_seen_on_cuda_devices_only(monkeypatch):
 
 
 def test_constants_asked_for_while_recording_are_not_kept(monkeypatch):
-    layout = merge_layout((16, 16), 0.75, block=8, halo=2)
+    layout = merge_layout((16, 16), 0.75, block=8)
     device, dtype = torch.device("cpu"), torch.float64  # a dtype no other test caches
-    layout._constants.pop(("candidate_bias", device, dtype), None)
-    monkeypatch.setattr(merging, "cuda_graph_recording", lambda device: True)
-    recorded = layout.constant("candidate_bias", device, dtype)
-    assert ("candidate_bias", device, dtype) not in layout._constants
-    monkeypatch.setattr(merging, "cuda_graph_recording", lambda device: False)
-    kept = layout.constant("candidate_bias", device, dtype)
-    assert layout._constants[("candidate_bias", device, dtype)] is kept
+    layout._constants.pop(("destination", device, dtype), None)
+    monkeypatch.setattr(layout_module, "cuda_graph_recording", lambda device: True)
+    recorded = layout.constant("destination", device, dtype)
+    assert ("destination", device, dtype) not in layout._constants
+    monkeypatch.setattr(layout_module, "cuda_graph_recording", lambda device: False)
+    kept = layout.constant("destination", device, dtype)
+    assert layout._constants[("destination", device, dtype)] is kept
     assert torch.equal(recorded, kept)
     # Once kept (built by an eager call before recording), recording reads the kept one.
-    monkeypatch.setattr(merging, "cuda_graph_recording", lambda device: True)
-    assert layout.constant("candidate_bias", device, dtype) is kept
+    monkeypatch.setattr(layout_module, "cuda_graph_recording", lambda device: True)
+    assert layout.constant("destination", device, dtype) is kept
 
 
 def test_unet_calls_being_recorded_merge_from_a_smaller_size(monkeypatch):

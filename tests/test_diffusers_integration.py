@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -475,6 +476,23 @@ def test_min_latent_tokens_default_depends_on_the_device():
     assert MaMeConfig(min_latent_tokens=0).merges_call(1, torch.device("cuda"))
     with pytest.raises(ValueError, match="min_latent_tokens"):
         MaMeConfig(min_latent_tokens=-1)
+
+
+def test_the_cuda_default_says_once_per_process_that_it_left_calls_unmerged(monkeypatch, caplog):
+    # Issue 24: SD 2.1 at batch 2 on CUDA runs unmerged by default, and a user who sees no
+    # change concludes MaMe does nothing: one log line names the threshold and the setting.
+    from mame_diffusers.diffusers_integration import config as config_module
+
+    monkeypatch.setattr(config_module, "_SAID_UNMERGED", set())
+    cuda, config = torch.device("cuda"), MaMeConfig()
+    with caplog.at_level(logging.WARNING, logger="mame_diffusers"):
+        assert not config.merges_call(2 * 96 * 96, cuda)
+        assert not config.merges_call(2 * 64 * 64, cuda)
+        assert not MaMeConfig(min_latent_tokens=10**6).merges_call(2 * 96 * 96, cuda)  # the user's own: silent
+        assert config.merges_call(2 * 32 * 32, torch.device("cpu"))
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1, said
+    assert "65536" in said[0] and "18432" in said[0] and "min_latent_tokens=0" in said[0]
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_apply_mame_patches_every_controlnet_with_its_own_tracker():
     try:
         models = [unet, *nets]
         assert all(patched_config(model) is not None for model in models), "apply_mame left a ControlNet unpatched"
-        trackers = [model._mame_patch.grid for model in models]
+        trackers = [model._mame_patch.tracker for model in models]
         assert len({id(tracker) for tracker in trackers}) == 3
         counts = merged_calls(models)
         generate(pipe, image=[image(128), image(128, seed=6)], height=128, width=128)
@@ -497,7 +497,7 @@ def test_ip_adapter_after_mame_warns_and_remove_leaves_no_mame_behind():
     load_ip_adapter(pipe)
     # The loader rebuilt each self-attention processor as type(processor)(): default,
     # untracked MaMeProcessors that are not apply_mame's.
-    assert all(isinstance(p, MaMeProcessor) and p._grid is None for p in attn1_processors(pipe.unet))
+    assert all(isinstance(p, MaMeProcessor) and p._tracker is None for p in attn1_processors(pipe.unet))
     with pytest.warns(UserWarning, match="apply_mame again"):
         generate_with_image_prompt(pipe)
 

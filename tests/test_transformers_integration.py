@@ -10,7 +10,15 @@ import transformers as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mame_diffusers import VisionMaMeConfig, apply_mame, merge_history, merge_layout, remove_mame, visualize_merges
+from mame_diffusers import (
+    VisionMaMeConfig,
+    apply_mame,
+    merge_history,
+    merge_layout,
+    plan_merge,
+    remove_mame,
+    visualize_merges,
+)
 from mame_diffusers.transformers_integration import (
     TokenMerge,
     apply_mame_to_vision_model,
@@ -160,8 +168,7 @@ def test_apply_mame_uses_the_vision_defaults():
     apply_mame(model)
     assert patched_vision_config(model) == VisionMaMeConfig()
     assert VisionMaMeConfig().block is None and VisionMaMeConfig().ratio == 0.1
-    assert VisionMaMeConfig().anchor == "ranked"
-    apply_mame(model, block=4, anchor="strided", ratio=[0.2, 0.1], layers=[2, 0])
+    apply_mame(model, block=4, ratio=[0.2, 0.1], layers=[2, 0])
     assert patched_vision_config(model).schedule(4) == {0: 0.1, 2: 0.2}
 
 
@@ -234,7 +241,7 @@ def test_special_tokens_are_never_merged(name):
     assert torch.equal(after[:, :specials], before[:, :specials])
     patches = before[:, specials:]
     metric = patches.reshape(2, 64, 8, 4).sum(-1)
-    plan = config.plan(metric, (8, 8), 0.3, sizes=None)
+    plan = plan_merge(metric, (8, 8), ratio=0.3, block=config.block)
     assert torch.equal(after[:, specials:], plan.merge(patches))
     assert torch.equal(merge_history(model)[0].sizes, plan.sizes)
 
@@ -249,15 +256,6 @@ def test_eager_and_sdpa_agree(name):
         results.append(run(model, name, batch))
         assert tower(model).config._attn_implementation == f"mame_{implementation}"
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
-
-
-def test_proportional_attention_changes_the_result_and_can_be_turned_off():
-    model, batch = build("vit_classifier"), inputs("vit_classifier")
-    apply_mame(model, ratio=0.3)
-    proportional = run(model, "vit_classifier", batch)
-    apply_mame(model, ratio=0.3, proportional_attention=False)
-    plain = run(model, "vit_classifier", batch)
-    assert not torch.allclose(proportional, plain)
 
 
 @pytest.mark.parametrize("name", ["siglip", "siglip2"])
@@ -332,16 +330,12 @@ def test_siglip2_padding_at_the_end_is_dropped_by_the_first_merge():
 @given(
     ratios=st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.8]), min_size=1, max_size=4),
     block=st.sampled_from([None, 2, 4, 8]),
-    tau=st.sampled_from([-1.0, 0.0, 0.5, 1.0]),
-    anchor=st.sampled_from(["ranked", "strided"]),
     data=st.data(),
 )
-def test_any_schedule_keeps_sizes_consistent(ratios, block, tau, anchor, data):
+def test_any_schedule_keeps_sizes_consistent(ratios, block, data):
     layers = sorted(data.draw(st.permutations(range(4)))[: len(ratios)])
     model, batch = build("deit_classifier"), inputs("deit_classifier")
-    if anchor == "ranked":  # global, no threshold
-        block, tau = None, 0.0
-    apply_mame(model, ratio=ratios, layers=layers, block=block, tau=tau, anchor=anchor)
+    apply_mame(model, ratio=ratios, layers=layers, block=block)
     output = run(model, "deit_classifier", batch, output_hidden_states=True)
     assert output.shape == (2, 3) and torch.isfinite(output).all()
     # Exactly the layers whose ratio removes at least a row or column of the grid merge.
@@ -415,14 +409,6 @@ def test_gradients_reach_the_input_and_every_weight():
     torch.optim.SGD(model.parameters(), lr=0.1).step()  # a fine-tuning step runs
 
 
-def test_soft_assignment_is_differentiable():
-    model = build("vit_classifier")
-    apply_mame(model, ratio=0.3, anchor="strided", temperature=0.1)
-    pixels = inputs("vit_classifier")["pixel_values"].requires_grad_(True)
-    model(pixel_values=pixels).logits.sum().backward()
-    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     batch = inputs("vit_classifier")
     grads = []
@@ -465,12 +451,10 @@ def test_unsupported_models_are_named():
         (dict(layers=[-1]), "layer indices"),
         (dict(layers=[1, 1]), "repeat"),
         (dict(layers="01"), "sequence"),
-        (dict(tau=2.0), "tau"),
         (dict(block=0), "block"),
-        (dict(block=4), "ranked.*takes no halo.*anchor='strided'"),
-        (dict(tau=0.5, refine=1), "ranked.*takes no tau, refine"),
+        (dict(block=2.5), "block"),
         (dict(video_grid="frames"), "video_grid"),
-        (dict(proportional_attention=1), "proportional_attention"),
+        (dict(similarity_channels=0), "similarity_channels"),
     ],
 )
 def test_bad_settings_raise_clear_errors(settings_, message):
@@ -491,8 +475,10 @@ def test_options_of_the_other_kind_of_model_are_rejected():
     model = build("vit")
     with pytest.raises(ValueError, match="max_downsample applies to diffusers UNets only"):
         apply_mame(model, max_downsample=2)
-    with pytest.raises(ValueError, match="query_share"):
-        apply_mame(model, query_share=1.0)
+    with pytest.raises(ValueError, match="keys_values_only"):
+        apply_mame(model, keys_values_only=True)
+    with pytest.raises(TypeError, match="unknown MaMe setting.*tau"):
+        apply_mame(model, tau=0.5)  # a setting of an earlier release
     unet = torch.nn.Module()  # rejected before the UNet is looked at
     with pytest.raises(ValueError, match="layers applies to transformers vision models only"):
         apply_mame(unet, layers=[0])
@@ -556,7 +542,7 @@ def test_a_custom_token_merger_gets_sizes_and_attention_for_free():
         )
         new_sizes = torch.nn.functional.avg_pool2d(weights.reshape(batch, 1, height, width), 2) * 4
         tokens = (pooled * 4 / new_sizes).flatten(2).transpose(1, 2)
-        return TokenMerge(tokens, new_sizes.flatten(1), (height // 2, width // 2), restore=lambda t: t)
+        return TokenMerge(tokens, new_sizes.flatten(1), (height // 2, width // 2), spread=lambda t: t)
 
     model = build("vit")
     apply_mame_to_vision_model(model, VisionMaMeConfig(ratio=0.75, layers=(0, 2)), token_merger=pool_2x2)
@@ -577,7 +563,7 @@ def test_membership_matches_sizes_and_figure_is_written(tmp_path):
         assert layer == record.layer
         assert torch.equal(membership.sum(dim=-1), torch.ones(2, 64))  # each patch in one token
         assert torch.equal(membership.sum(dim=1), record.sizes)  # each token holds `size` patches
-    assert all(record.restore is None for record in merge_history(model))  # plans let go
+    assert all(record.spread is None for record in merge_history(model))  # plans let go
 
     unpatched = build("clip")
     with warnings.catch_warnings():

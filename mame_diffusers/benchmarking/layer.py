@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from ..diffusers_integration import MaMeConfig, MaMeProcessor
 from ..merging import merge_layout
 from .photos import PHOTOS, photo_tokens
+from .sharpen import attention_entropy, sharpen_to_entropy
 from .timing import interleaved_seconds
 
 LayerMethod = Callable[[Attention, torch.Tensor, tuple[int, int], int], torch.Tensor]
@@ -36,12 +37,14 @@ def full_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], n
     return attn(tokens)
 
 
-def mame_attention(**settings) -> LayerMethod:
-    """MaMe through the real processor, on the grid as a ``(B, C, H, W)`` input tells it
-    (a bare processor: no UNet tracker, and this call is its largest, so level 1)."""
+def mame_attention(config: MaMeConfig | None = None, **settings) -> LayerMethod:
+    """MaMe through the real processor (``config``, or one made of ``settings``), on the grid as
+    a ``(B, C, H, W)`` input tells it (a bare processor: no UNet tracker, and this call is its
+    largest, so level 1)."""
+    config = config or MaMeConfig(**{"min_latent_tokens": 0, **settings})
 
     def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
-        processor = MaMeProcessor(config=MaMeConfig(**{"min_latent_tokens": 0, **settings}))
+        processor = MaMeProcessor(config=config)
         attn.set_processor(processor)
         batch, _, channels = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, channels, *hw)
@@ -101,13 +104,13 @@ def kv_pool_attention(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int]
 
 
 def mame_kv_length(ratio: float, hw: tuple[int, int] = (64, 64)) -> int:
-    """How many keys/values MaMe's default (keys/values-only) merge leaves at ``ratio``."""
-    return merge_layout(hw, MaMeConfig(ratio=ratio).kv_ratio).num_merged
+    """How many keys/values MaMe merges to with ``keys_values_only=True`` at ``ratio``."""
+    return merge_layout(hw, MaMeConfig(ratio=ratio, keys_values_only=True).kv_ratio).num_merged
 
 
 def kv_pool_at_mame_length(ratio: float) -> LayerMethod:
-    """ToDo-style keys/values pooling to the length MaMe's default merges them to at
-    ``ratio``: the default's like-for-like peer (every query kept by both)."""
+    """ToDo-style keys/values pooling to the length MaMe's ``keys_values_only`` merge leaves
+    at ``ratio``: its like-for-like peer (every query kept by both)."""
 
     def run(attn: Attention, tokens: torch.Tensor, hw: tuple[int, int], num_merged: int) -> torch.Tensor:
         return kv_pool_attention(attn, tokens, hw, mame_kv_length(ratio, hw))
@@ -133,44 +136,18 @@ class LayerBench:
         # Two photos, as a classifier-free-guidance pair would be.
         self.timing_batch = torch.cat([photo_tokens("astronaut", hw), photo_tokens("coffee", hw)])
 
-    @torch.no_grad()
     def attention_entropy(self) -> float:
-        """Mean entropy of the layer's attention rows over ``log N`` (1: uniform), over photos,
-        heads and queries."""
-        attn, total = self.attn, 0.0
-        for tokens in self.tokens.values():
-            batch, num_tokens, _ = tokens.shape
-            query, key = attn.to_q(tokens), attn.to_k(tokens)
-            head_dim = query.shape[-1] // attn.heads
-            query = query.view(batch, num_tokens, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch, num_tokens, attn.heads, head_dim).transpose(1, 2)
-            log_p = torch.log_softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)
-            total += float(-(log_p.exp() * log_p).sum(-1).mean()) / math.log(num_tokens)
-        return total / len(self.tokens)
+        """Mean entropy of the layer's attention rows over ``log N`` (1: uniform), over the
+        photos, heads and queries."""
+        return attention_entropy(self.attn, torch.cat(list(self.tokens.values())))
 
-    @torch.no_grad()
-    def sharpen(self, scale: float) -> None:
-        """Scale the query and key projections by ``scale`` (logits by ``scale**2``), as
-        training sharpens attention, and take new references. Scales compound."""
-        for projection in (self.attn.to_q, self.attn.to_k):
-            projection.weight.mul_(scale)
-            if projection.bias is not None:
-                projection.bias.mul_(scale)
+    def sharpen_to_entropy(self, target: float) -> float:
+        """Sharpen the layer until its attention entropy on the photos is ``target`` (see
+        :func:`~mame_diffusers.benchmarking.sharpen.sharpen_to_entropy`), take new references;
+        returns the scale applied."""
+        scale = sharpen_to_entropy(self.attn, torch.cat(list(self.tokens.values())), target)
         self.references = {name: full_attention(self.attn, t, self.hw, 0) for name, t in self.tokens.items()}
-
-    def sharpen_to_entropy(self, target: float, steps: int = 12) -> float:
-        """Sharpen (bisection on the scale, from the layer as it is) until the attention
-        entropy is ``target`` (a fraction of ``log N``); returns the scale applied."""
-        low, high, applied = 1.0, 16.0, 1.0
-        for _ in range(steps):
-            middle = math.sqrt(low * high)
-            self.sharpen(middle / applied)
-            applied = middle
-            if self.attention_entropy() > target:
-                low = middle
-            else:
-                high = middle
-        return applied
+        return scale
 
     def error(self, method: LayerMethod, num_merged: int) -> float:
         """Relative error against full attention, averaged over the photos."""

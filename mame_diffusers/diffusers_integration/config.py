@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:  # the kernels import triton: only where a backend asks for th
 __all__ = ["MaMeConfig"]
 
 _ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
+logger = logging.getLogger(__name__)
+#: Device kinds whose default threshold left a call unmerged and said so: once per process,
+#: or a user who sees no change would conclude that MaMe does nothing.
+_SAID_UNMERGED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,12 @@ class MaMeConfig(OperatorSettings):
         ``device`` merges at all."""
         if self.ratio == 0.0 and self.stack_ratio == 0.0:
             return False
-        return latent_tokens >= self.latent_threshold(device)
+        threshold = self.latent_threshold(device)
+        if latent_tokens >= threshold:
+            return True
+        if self.min_latent_tokens is None and not torch.compiler.is_compiling():
+            _say_unmerged(device, latent_tokens, threshold)
+        return False
 
     def latent_threshold(self, device: torch.device) -> int:
         """``min_latent_tokens``, or the measured default for ``device`` when it is ``None``."""
@@ -148,6 +158,19 @@ class MaMeConfig(OperatorSettings):
         if kind == "cuda" and not torch.compiler.is_compiling() and cuda_graph_recording(device):
             kind = "cuda-graph"  # replays launch nothing: merging pays at smaller sizes
         return DEFAULT_MIN_LATENT_TOKENS.get(kind, 0)
+
+
+def _say_unmerged(device: torch.device, latent_tokens: int, threshold: int) -> None:
+    if device.type in _SAID_UNMERGED:
+        return
+    _SAID_UNMERGED.add(device.type)
+    logger.warning(
+        "MaMe leaves UNet calls on %s with fewer than %d latent tokens (batch x latent height x width; this "
+        "call has %d) unmerged: measured on an H200, such calls are bound by kernel launches, which merging "
+        "adds to. Pass min_latent_tokens=0 to apply_mame (or MaMeProcessor) to merge every call, or your own "
+        "threshold (mame-diffusers bench --device %s measures yours). Said once per process.",
+        device.type, threshold, latent_tokens, device.type,
+    )
 
 
 def _kernels_can_take(tokens: torch.Tensor) -> bool:
