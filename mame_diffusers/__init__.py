@@ -31,6 +31,7 @@ _EXPORTS = {
     "merge_history": "transformers_integration",
     "visualize_merges": "transformers_integration",
     "StableDiffusionMaMePipeline": "pipeline_stable_diffusion_mame",
+    "CUSTOM_PIPELINE": "custom_pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ from .defaults import DEFAULT_RATIO
 from .generation import METHODS
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_RESOLUTION_HELP = "image side in pixels, a multiple of 8 (default: 512; 128 with --quick)"
 
 
 def _ratio(text: str) -> float:
@@ -41,8 +42,32 @@ def _positive(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default after its help, unless the help gives it
+    already or there is none to show (a flag, a default of ``None`` that the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        shown = shown.replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line and exit status 2, no usage dump."""
+    """Bad arguments: one line and exit status 2, no usage dump; ``--help`` shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -60,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers model id or local folder with real weights (default: the SD 2.1 "
         "architecture built offline with random weights)",
     )
-    common.add_argument("--dtype", default="float32", choices=_DTYPES)
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of the weights and activations")
+    common.add_argument(
+        "--seed", type=int, default=0, help="seed of the images' noise and of the offline model's random weights"
+    )
     common.add_argument("--out", default="outputs", help="folder for the JSON, Markdown and PNG results")
     common.add_argument("--quick", action="store_true", help="tiny random model: a smoke run in seconds")
 
@@ -72,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency, speed-up and fidelity of MaMe against the SDPA baseline and tomesd "
         "(when installed) at equal merged length, batch 2 (classifier-free guidance).",
     )
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    bench.add_argument("--resolution", type=_resolution, default=512)
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--resolution", type=_resolution, default=512, help=_RESOLUTION_HELP)
     bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
     bench.add_argument("--steps", type=_positive, default=2, help="denoising steps in each timed pipeline call")
@@ -103,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu or cuda. Default: the grid runs on cpu; --prompts runs on the device accelerate gives "
         "each process (its GPU, or the CPU under `accelerate launch --cpu` or without a GPU)",
     )
-    generate.add_argument("--resolution", type=_resolution, default=512)
-    generate.add_argument("--ratio", type=_ratio, default=DEFAULT_RATIO)
-    generate.add_argument("--steps", type=_positive, default=25)
+    generate.add_argument("--resolution", type=_resolution, default=512, help=_RESOLUTION_HELP)
+    generate.add_argument("--ratio", type=_ratio, default=DEFAULT_RATIO, help="merge ratio of MaMe, and of tomesd")
+    generate.add_argument("--steps", type=_positive, default=25, help="denoising steps per image")
     generate.add_argument(
         "--batch-size",
         type=_positive,
         default=1,
-        help="--prompts: prompts per pipeline call (default 1). With classifier-free guidance the UNet "
+        help="--prompts: prompts per pipeline call (default: 1). With classifier-free guidance the UNet "
         "sees twice as many; on CUDA, MaMe's defaults merge only calls of at least min_latent_tokens "
         "latent tokens (batch x latent height x width), so larger batches are where it pays",
     )

@@ -14,7 +14,12 @@ What makes a run safe to interrupt and start again:
 * an image counts as done when the manifest records it (same index, file, prompt and seed)
   *and* the file exists: :func:`pending_jobs` decides that, and everything else is redone;
 * the work is split only after every process has read what is done, so no two processes
-  take the same image.
+  take the same image;
+* one run at a time per folder: the main process holds ``OUT/.mame-diffusers.lock`` for the
+  whole run (:func:`lock_folder`), and a second run into the folder is refused, naming the
+  run that holds it;
+* the newest record of an image wins whatever the machines' clocks say: each record carries
+  a ``sequence`` above every one the run read when it started (:func:`latest_records`).
 
 The manifest is written per process: each process appends its lines to its own file in
 ``OUT/manifest.parts/`` (one ``os.write`` per line on an ``O_APPEND`` descriptor), and the
@@ -28,11 +33,14 @@ Seeds: the image of prompt ``i`` starts from a CPU ``torch.Generator`` seeded wi
 ``seed + i``, so a prompt file gives the same images with any number of processes (and the
 same initial noise on every device).
 
-``accelerate`` is imported inside the functions that need it, never with the package.
+``accelerate``, torch and the pipeline are imported inside the functions that need them, never
+with this module: the command line imports it to build ``--help``, which must answer at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -41,27 +49,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterable, Sequence
-
-from .loading import UsageError
-from .methods import parse_mame_settings
+from typing import Any, Container, Iterable, Iterator, Sequence
 
 __all__ = [
     "METHODS",
     "Job",
     "RunSpec",
+    "LOCK",
     "append_record",
+    "check_writable",
     "conflicting_setting",
     "image_name",
     "latest_records",
+    "lock_folder",
     "merge_manifest",
-    "parse_mame_settings",
+    "next_sequence",
     "parse_prompts",
     "pending_jobs",
     "plan_jobs",
     "read_prompts",
     "read_records",
     "run_prompts",
+    "well_formed",
     "write_image_atomically",
 ]
 
@@ -71,7 +80,23 @@ MANIFEST = "manifest.jsonl"
 PARTS = "manifest.parts"
 #: Record fields that must match for an earlier image to count for this run.
 IDENTITY = ("method", "settings", "model", "resolution", "steps", "dtype")
-_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+#: The lock file a run holds in each folder it writes into (:func:`lock_folder`).
+LOCK = ".mame-diffusers.lock"
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def __getattr__(name: str) -> Any:
+    """``UsageError`` and ``parse_mame_settings``, from the modules that define them: they
+    import torch, so not with this module."""
+    if name == "UsageError":
+        from .loading import UsageError
+
+        return UsageError
+    if name == "parse_mame_settings":
+        from .methods import parse_mame_settings
+
+        return parse_mame_settings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- prompts, settings and jobs (pure) ----------------------------------------------------------
@@ -96,16 +121,28 @@ def image_name(index: int) -> str:
 
 
 def parse_prompts(text: str) -> list[str]:
-    """One prompt per line, surrounding whitespace stripped, blank lines ignored."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """One prompt per line, surrounding whitespace stripped, blank lines ignored.
+
+    Lines end at ``"\\n"`` (``"\\r\\n"`` too: the ``"\\r"`` is stripped) and nowhere else:
+    ``str.splitlines`` would also split at form feeds, U+0085 and U+2028, which editors
+    show inside a line, and every later prompt would get another index.
+    """
+    return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts in the UTF-8 file ``path``; at least one."""
+    """The prompts in the UTF-8 file ``path`` (a byte-order mark is skipped); at least one."""
+    from .loading import UsageError
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as error:
         raise UsageError(f"cannot read prompts from {path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); "
+            "save it with UTF-8 encoding"
+        ) from error
     prompts = parse_prompts(text)
     if not prompts:
         raise UsageError(f"{path} holds no prompts (one per line; blank lines are ignored)")
@@ -120,10 +157,47 @@ def plan_jobs(prompts: Sequence[str], seed: int) -> list[Job]:
 # -- the manifest and what is done (pure) -------------------------------------------------------
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def well_formed(record: Any) -> bool:
+    """Whether a manifest record has what deciding on its image needs, of the right types:
+    ``index`` (an int >= 0), ``file`` and ``prompt`` (text), ``seed`` (an int) and, when
+    present, ``sequence`` (an int >= 0). Any other record is skipped, and its image redone."""
+    return (
+        isinstance(record, dict)
+        and _is_int(record.get("index"))
+        and record["index"] >= 0
+        and isinstance(record.get("file"), str)
+        and isinstance(record.get("prompt"), str)
+        and _is_int(record.get("seed"))
+        and _is_int(record.get("sequence", 0))
+        and record.get("sequence", 0) >= 0
+    )
+
+
 def latest_records(records: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The latest record of each image index (by ``finished`` time; later lines win ties)."""
-    ordered = sorted(enumerate(records), key=lambda pair: (pair[1].get("finished") or 0.0, pair[0]))
+    """The latest record of each image index; malformed records (:func:`well_formed`) are
+    skipped.
+
+    The latest is the one with the highest ``sequence``, and among equal ones the later in
+    ``records`` (records from before sequences count as older than any with one). Never by
+    the ``finished`` time: a clock that is ahead (another node's, or one stepped back since)
+    would make an old record win over every newer one.
+    """
+    ordered = sorted(enumerate(r for r in records if well_formed(r)), key=lambda pair: (_sequence(pair[1]), pair[0]))
     return {record["index"]: record for _, record in ordered}
+
+
+def _sequence(record: dict[str, Any]) -> int:
+    return record.get("sequence", -1)
+
+
+def next_sequence(records: Iterable[dict[str, Any]]) -> int:
+    """The ``sequence`` of this run's first record: above every one in ``records`` (what the
+    run read when it started, with every earlier run's records), so this run's records win."""
+    return 1 + max((_sequence(r) for r in records if well_formed(r)), default=-1)
 
 
 def pending_jobs(
@@ -200,17 +274,23 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The well-formed records of one JSON-lines file, in file order (lines end at ``"\\n"``
+    only: a prompt may hold U+2028 or U+0085, which ``json.dumps`` leaves as they are)."""
+    from .loading import UsageError
+
     records = []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     except FileNotFoundError:
         return records
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a torn line from a killed process: that image is redone
-        if isinstance(record, dict) and isinstance(record.get("index"), int) and isinstance(record.get("file"), str):
+        if well_formed(record):
             records.append(record)
     return records
 
@@ -252,8 +332,12 @@ def merge_manifest(out: str | Path) -> bool:
         changed = True
     if changed:
         temporary = out / f".{MANIFEST}.tmp-{os.getpid()}"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, manifest)
+        try:
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, manifest)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
     for part in parts:
         part.unlink(missing_ok=True)
     try:
@@ -264,10 +348,196 @@ def merge_manifest(out: str | Path) -> bool:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files a killed run left behind (main process, before any process writes)."""
+    """Temporary files a killed run left behind: by the main process, while it holds ``OUT``'s
+    lock (so no other run is writing them) and before any of its processes writes.
+
+    A temporary's name ends in its writer's pid: one whose writer is still alive on this host
+    is kept all the same (a writer that took no lock, such as an older version).
+    """
     for path in out.iterdir():
-        if _TEMPORARY.match(path.name) and path.is_file():
+        match = _TEMPORARY.match(path.name)
+        if match and not _alive(int(match.group(1))) and path.is_file():
             path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (assumed where that cannot be told)."""
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would send it a Ctrl-C there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's process
+        return True
+    return True
+
+
+# -- one run per folder, and folders that can be written ---------------------------------------
+
+
+@contextlib.contextmanager
+def lock_folder(out: str | Path) -> Iterator[Path]:
+    """Hold ``OUT``'s lock for a whole run; raise :class:`UsageError` naming the run that
+    holds it.
+
+    Two runs into one folder would both make the images neither has finished, and the first
+    to end would merge and delete the manifest's parts under the other. The lock is
+    ``flock`` on ``OUT/.mame-diffusers.lock`` (NFS passes it to the server), and the file
+    names its holder (pid, host, start). The system drops the lock when its process ends,
+    however it ends, so a killed run never blocks the next one. On a file system without
+    locks the file's existence is the lock: one whose holder is gone from this host is taken
+    over, one from another host must be deleted by hand (the error says so).
+    """
+    path = Path(out) / LOCK
+    descriptor = _acquire(path)
+    try:
+        yield path
+    finally:
+        try:
+            path.unlink(missing_ok=True)  # while still holding it: a run that opened it retries
+        except OSError:  # Windows removes no open file: close it first
+            os.close(descriptor)
+            descriptor = None
+            path.unlink(missing_ok=True)
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
+
+
+def _acquire(path: Path) -> int:
+    from .loading import UsageError
+
+    while True:
+        try:
+            descriptor, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                descriptor, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # its holder removed it in between
+        try:
+            held = _flock(descriptor)
+            locks = held is not None
+            if not locks:  # no file locks here: the file itself is the lock
+                held = created or _holder_gone(path)
+            if not held:
+                advice = "" if locks else f"; if that run is gone, delete {path}"
+                raise UsageError(
+                    f"another run is writing into {path.parent}: {path} is held by {_describe_holder(path)}; "
+                    f"wait for it to end, or use another --out{advice}"
+                )
+            if not _same_file(descriptor, path):
+                os.close(descriptor)  # the run before removed it after we opened it: lock the new one
+                continue
+            os.ftruncate(descriptor, 0)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.write(descriptor, (json.dumps(holder) + "\n").encode("utf-8"))
+            return descriptor
+        except BaseException:
+            os.close(descriptor)
+            raise
+
+
+def _flock(descriptor: int) -> bool | None:
+    """Lock ``descriptor`` without waiting: whether it is ours, or ``None`` where the
+    system or file system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(path: Path) -> str:
+    holder = _holder(path)
+    if not holder:
+        return "a run that has not written its name yet"
+    return f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"
+
+
+def _holder_gone(path: Path) -> bool:
+    """Whether the lock file names a process of this host that is no longer alive."""
+    holder = _holder(path)
+    return holder.get("host") == socket.gethostname() and _is_int(holder.get("pid")) and not _alive(holder["pid"])
+
+
+#: What a failed write means, for the failures a user can act on.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full (free some space, or use another --out)",
+    errno.EDQUOT: "the disk quota is used up (free some space, or use another --out)",
+    errno.EROFS: "the file system is read-only (use another --out)",
+    errno.EACCES: "permission denied (use a folder you can write to with --out)",
+    errno.EPERM: "permission denied (use a folder you can write to with --out)",
+}
+
+
+def write_failure(path: str | Path, error: OSError) -> str:
+    """One line saying why writing ``path`` failed and what to do."""
+    reason = _WRITE_FAILURES.get(error.errno) or f"{error.strerror or error}"
+    return f"cannot write {path}: {reason}"
+
+
+def check_writable(out: str | Path) -> None:
+    """Create ``out`` and a probe file in it, then remove the probe: a read-only or full
+    folder is a one-line error before the model loads, not a traceback after it."""
+    from .loading import UsageError
+
+    out = Path(out)
+    probe = out / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(descriptor, b"mame-diffusers write probe\n")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise UsageError(write_failure(error.filename or out, error)) from error
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _reporting_write_failures(out: Path) -> Iterator[None]:
+    """A write that fails during the run (a disk that filled up) becomes a one-line error
+    that says so, and that the images written so far count when the command runs again."""
+    try:
+        yield
+    except OSError as error:
+        from .loading import UsageError
+
+        raise UsageError(
+            f"{write_failure(error.filename or out, error)}; the images written so far are kept: "
+            "run the same command again to make the rest"
+        ) from error
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -293,7 +563,8 @@ class RunSpec:
 
 
 def _method(spec: RunSpec):
-    """The :class:`~mame_diffusers.benchmarking.unet.Method` that patches the UNet for ``spec``."""
+    """The :class:`~mame_diffusers.methods.Method` that patches the UNet for ``spec``."""
+    from .loading import UsageError
     from .methods import baseline, mame, tomesd_method
 
     if spec.method == "stock":
@@ -376,11 +647,12 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
     from tqdm import tqdm
 
     from .benchmarking.timing import synchronize
+    from .loading import UsageError
 
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
-        _remove_stale_temporaries(out)
+        _remove_stale_temporaries(out)  # run_prompts holds the folder's lock
     records = read_records(out)
     conflict = conflicting_setting(records, spec.identity(), spec.seed)
     if conflict is not None:
@@ -389,6 +661,7 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
             f"or delete {out / MANIFEST} to start over"
         )
     todo = pending_jobs(jobs, records, set(os.listdir(out)))
+    sequence = next_sequence(records)
     # Everyone has read what is done before anyone writes: the split is the same everywhere.
     state.wait_for_everyone()
 
@@ -398,7 +671,8 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
     with state.split_between_processes(todo) as mine:
         mine = list(mine)
         if mine:
-            part.parent.mkdir(exist_ok=True)
+            with _reporting_write_failures(out):
+                part.parent.mkdir(exist_ok=True)
             batches = [mine[i : i + spec.batch_size] for i in range(0, len(mine), spec.batch_size)]
             method = _method(spec)
             method.patch(pipe.unet)
@@ -406,37 +680,26 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
                 # Untimed warm-up (one step): first-call costs are no image's.
                 _generate(pipe, batches[0], spec, steps=1)
                 synchronize(device)
-                bar = tqdm(
+                progress = tqdm(
                     total=len(mine), desc=f"{spec.label}, process {state.process_index}", disable=not state.is_main_process
                 )
-                start = time.perf_counter()
-                for batch in batches:
-                    began = time.perf_counter()
-                    images = _generate(pipe, batch, spec)
-                    synchronize(device)
-                    seconds = (time.perf_counter() - began) / len(batch)
-                    for job, image in zip(batch, images):
-                        write_image_atomically(image, out / job.file)
-                        record = {
-                            "index": job.index,
-                            "prompt": job.prompt,
-                            "seed": job.seed,
-                            "file": job.file,
-                            **spec.identity(),
-                            "seconds": round(seconds, 4),
-                            "batch": len(batch),
-                            "process_index": state.process_index,
-                            "num_processes": state.num_processes,
-                            "device": str(device),
-                            "host": host,
-                            "finished": time.time(),
-                        }
-                        append_record(part, record)
-                        made += 1
-                        image_seconds += seconds
-                    bar.update(len(batch))
-                wall = time.perf_counter() - start
-                bar.close()
+                with progress as bar:  # closed before an error is printed
+                    start = time.perf_counter()
+                    for batch in batches:
+                        began = time.perf_counter()
+                        images = _generate(pipe, batch, spec)
+                        synchronize(device)
+                        seconds = (time.perf_counter() - began) / len(batch)
+                        for job, image in zip(batch, images):
+                            with _reporting_write_failures(out):
+                                write_image_atomically(image, out / job.file)
+                            record = _record(job, spec, seconds, len(batch), state, device, sequence + made)
+                            with _reporting_write_failures(out):
+                                append_record(part, record)
+                            made += 1
+                            image_seconds += seconds
+                        bar.update(len(batch))
+                    wall = time.perf_counter() - start
             finally:
                 method.unpatch(pipe.unet)
     return {
@@ -448,6 +711,27 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
         "seconds": wall,
         "image_seconds": image_seconds,
         "skipped": len(jobs) - len(todo),
+    }
+
+
+def _record(job: Job, spec: RunSpec, seconds: float, batch: int, state, device, sequence: int) -> dict[str, Any]:
+    """The manifest line of ``job``'s image, once the image is in place."""
+    return {
+        "index": job.index,
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "file": job.file,
+        **spec.identity(),
+        "seconds": round(seconds, 4),
+        "batch": batch,
+        "process_index": state.process_index,
+        "num_processes": state.num_processes,
+        "device": str(device),
+        "host": socket.gethostname(),
+        # Above every record read at the start of the run: the latest of its index whatever
+        # the clocks say (``finished`` is for people).
+        "sequence": sequence,
+        "finished": time.time(),
     }
 
 
@@ -499,6 +783,9 @@ def _model_label(args) -> str:
 
 
 def _specs(args, resolution: int) -> list[RunSpec]:
+    from .loading import UsageError
+    from .methods import parse_mame_settings
+
     method = args.method or "mame"
     extra = parse_mame_settings(args.mame or [])
     if method != "mame" and extra:
@@ -535,11 +822,7 @@ def _specs(args, resolution: int) -> list[RunSpec]:
 def run_prompts(args) -> list[Path]:
     """``mame-diffusers generate --prompts FILE``: every process's share, then (main process)
     the merged manifests and the summary. Returns the files written (main process only)."""
-    import torch
-    from accelerate.utils import gather_object
-
-    from .benchmarking.report import environment, write_report
-    from .loading import load_pipeline, resolve_dtype
+    from .loading import resolve_dtype
 
     prompts = read_prompts(args.prompts)
     resolution = 128 if args.quick and args.resolution == 512 else args.resolution
@@ -551,6 +834,43 @@ def run_prompts(args) -> list[Path]:
     state = process_state(args.device)
     device = _process_device(args.device, state)
     dtype = resolve_dtype(args.dtype, device)
+    with contextlib.ExitStack() as locks:
+        _claim_folders(specs, state, locks)
+        return _run_specs(args, specs, jobs, state, device, dtype)
+
+
+def _claim_folders(specs: Sequence[RunSpec], state, locks: contextlib.ExitStack) -> None:
+    """Before the model loads: every process checks that it can write into every folder,
+    and the main process takes their locks (held until ``locks`` closes, at the end of the
+    run). A problem on any process stops them all, each with the same one-line error."""
+    from accelerate.utils import gather_object
+
+    from .loading import UsageError
+
+    problem = None
+    try:
+        for spec in specs:
+            check_writable(spec.out)
+        if state.is_main_process:
+            for spec in specs:
+                locks.enter_context(lock_folder(spec.out))
+    except UsageError as error:
+        problem = str(error)
+    problems = [p for p in gather_object([problem]) if p is not None]
+    if problems:
+        raise UsageError(problems[0])
+
+
+def _run_specs(args, specs: Sequence[RunSpec], jobs: Sequence[Job], state, device, dtype) -> list[Path]:
+    """Load the pipeline, make every spec's images, then (main process) merge the manifests
+    and write the summary."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from .benchmarking.report import environment, write_report
+    from .loading import load_pipeline
+
+    resolution = specs[0].resolution
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
 
     runs = []
@@ -561,7 +881,8 @@ def run_prompts(args) -> list[Path]:
     if not state.is_main_process:
         return []
 
-    written = [spec.out / MANIFEST for spec in specs if merge_manifest(spec.out)]
+    with _reporting_write_failures(Path(args.out)):
+        written = [spec.out / MANIFEST for spec in specs if merge_manifest(spec.out)]
     stock = next((run for run in runs if run["method"] == "stock"), None)
     for run in runs:
         fast, slow = run["images_per_second"], stock["images_per_second"] if stock else None
@@ -592,5 +913,6 @@ def run_prompts(args) -> list[Path]:
         },
         "runs": runs,
     }
-    json_path, md_path = write_report(Path(args.out) / "summary", payload, table)
+    with _reporting_write_failures(Path(args.out)):
+        json_path, md_path = write_report(Path(args.out) / "summary", payload, table)
     return [*written, json_path, md_path]

@@ -23,11 +23,10 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert report["environment"]["torch"] == torch.__version__ and report["setup"]["batch"] == 2
     assert (tmp_path / "bench.md").read_text().count("|") > 10
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    # Every MaMe row has its peer at the same length: K/V pooling for K/V merging, tomesd
-    # (at MaMe's max_downsample) for merge + restore; and the tiny model is flagged.
+    # MaMe's row has its peer at the same length: tomesd (at MaMe's max_downsample), both
+    # merge + restore; and the tiny model is flagged.
     attends = {row["method"]: row["attends"] for row in report["rows"]}
-    assert attends["MaMe (ratio=0.75)"] == attends["K/V avg-pool (ToDo-style, ratio=0.75)"] == "Q N, K/V N/16"
-    assert attends["MaMe (ratio=0.75, query_share=1.0)"] == attends["tomesd (ratio=0.75, max_downsample=2)"]
+    assert attends["MaMe (ratio=0.75)"] == attends["tomesd (ratio=0.75, max_downsample=2)"] == "Q/K/V N/4"
     assert any("tiny model" in note for note in report["warnings"]) and "warning: tiny model" in printed
     assert all(row["min_seconds"] <= row["seconds"] <= row["max_seconds"] for row in report["rows"])
 
@@ -41,6 +40,22 @@ def test_bench_flags_noisy_rounds_and_a_missing_peer():
     assert "MaMe (ratio=0.75) 25%" in notes[0] and "baseline" not in notes[0]
     assert "tomesd is not installed" in notes[1]
     assert bench_warnings(rows[:1], tiny=False, tomesd_installed=True) == []
+
+
+def test_bench_flags_noisy_pipeline_rounds_too():
+    # Issue 24: only the UNet column's spread was checked; the pipeline rounds (the
+    # seconds people compare) could spread any amount without a warning.
+    from mame_diffusers.benchmarking.runs import bench_warnings
+
+    rows = [
+        {"method": "baseline (SDPA)", "spread": 0.02, "pipeline_all_seconds": [1.0, 1.05]},
+        {"method": "MaMe (ratio=0.75)", "spread": 0.03, "pipeline_all_seconds": [1.0, 1.4, 1.1]},
+    ]
+    (note,) = bench_warnings(rows, tiny=False, tomesd_installed=True)
+    assert "MaMe (ratio=0.75) pipeline 36%" in note and "baseline" not in note and "--pipeline-rounds" in note
+    rows[1]["pipeline_all_seconds"] = [1.0, 1.05]
+    assert bench_warnings(rows, tiny=False, tomesd_installed=True) == []
+    assert bench_warnings([{"method": "x", "pipeline_all_seconds": [2.0]}], tiny=False, tomesd_installed=True) == []
 
 
 def test_bench_without_scikit_image_is_an_error_not_noise(monkeypatch):
@@ -66,7 +81,8 @@ def test_generate_quick_writes_a_grid(tmp_path):
     "argv,message",
     [
         (["bench", "--ratios", "1.5"], "ratio must be in [0, 1)"),
-        (["bench", "--tau", "2"], "tau must be in [-1, 1]"),
+        (["bench", "--tau", "0.1"], "unrecognized arguments: --tau"),  # left the command line
+        (["bench", "--repeats", "0"], "expected a positive integer"),
         (["bench", "--resolution", "100"], "multiple of 8"),
         (["bench", "--model", "/no/such/model/folder"], "cannot load model"),
         (["bench", "--quick", "--dtype", "float16"], "float16"),
@@ -91,7 +107,8 @@ def test_help_and_version_import_no_model_library():
     # seconds to import; the defaults it shows come from a light module.
     code = (
         "import sys; from mame_diffusers.cli import main\n"
-        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "for argv in (['--version'], ['--help'], ['bench', '--help'], ['generate', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     import subprocess
@@ -115,3 +132,47 @@ def test_building_the_offline_pipeline_prints_no_warnings():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
+
+
+def _option_help(text: str, option: str) -> str:
+    """The help of ``option`` in ``--help`` output, its wrapped lines joined."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if line.startswith("  -"):  # the next option (help lines are indented further)
+            break
+        block.append(line)
+    return " ".join(" ".join(block).split())
+
+
+@pytest.mark.parametrize(
+    "command,option,default",
+    [
+        ("generate", "--resolution", "(default: 512; 128 with --quick)"),
+        ("generate", "--steps", "(default: 25)"),
+        ("generate", "--ratio", "(default: 0.75)"),
+        ("generate", "--batch-size", "(default: 1)"),
+        ("generate", "--seed", "(default: 0)"),
+        ("generate", "--dtype", "(default: float32)"),
+        ("generate", "--out", "(default: outputs)"),
+        ("bench", "--resolution", "(default: 512; 128 with --quick)"),
+        ("bench", "--steps", "(default: 2)"),
+        ("bench", "--repeats", "(default: 3)"),
+        ("bench", "--pipeline-rounds", "(default: 2)"),
+        ("bench", "--ratios", "(default: 0.75)"),
+        ("bench", "--device", "(default: cpu)"),
+    ],
+)
+def test_help_shows_every_default(command, option, default, capsys):
+    # Issue 24: --help listed the options without their defaults.
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert default in _option_help(capsys.readouterr().out, option)
+
+
+def test_help_shows_no_empty_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text

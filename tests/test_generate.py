@@ -3,11 +3,15 @@ processes under ``accelerate launch`` on the tiny model (same images as one proc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from mame_diffusers.generation import (
     conflicting_setting,
     latest_records,
     merge_manifest,
+    next_sequence,
     parse_mame_settings,
     parse_prompts,
     pending_jobs,
@@ -56,6 +61,30 @@ def test_prompts_one_per_line_blank_lines_ignored(tmp_path):
     assert read_prompts(path) == ["un chat", "ein Hund ☀"]
 
 
+def test_prompts_split_at_newlines_only(tmp_path):
+    # Issue 24: str.splitlines also split at U+2028, U+0085 and form feeds, which editors
+    # show inside a line: one prompt became two and every later index moved.
+    text = "a cat\u2028on a mat\nform\x0cfeed\r\nnext\x85line\n\u2028\nlast"
+    assert parse_prompts(text) == ["a cat\u2028on a mat", "form\x0cfeed", "next\x85line", "last"]
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a byte-order mark
+    assert read_prompts(path)[0] == "a cat\u2028on a mat"
+    # The manifest too: json.dumps leaves U+2028 and U+0085 as they are, inside one line.
+    jobs = plan_jobs(parse_prompts(text), seed=0)
+    for job in jobs:
+        append_record(tmp_path / "manifest.jsonl", _record(job))
+    assert [r["prompt"] for r in read_records(tmp_path)] == [j.prompt for j in jobs]
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("un café\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8"):
+        read_prompts(prompts)
+    status, err = exit_status_and_error([*ARGS, "--prompts", str(prompts), "--out", str(tmp_path / "out")], capsys)
+    assert status == 2 and "not UTF-8" in err and "Traceback" not in err
+
+
 def test_jobs_get_seed_plus_index():
     jobs = plan_jobs(["a", "b", "c"], seed=10)
     assert [(j.index, j.prompt, j.seed, j.file) for j in jobs] == [
@@ -67,13 +96,13 @@ def test_jobs_get_seed_plus_index():
 
 def test_mame_settings_from_the_command_line():
     settings = parse_mame_settings(
-        ["min_latent_tokens=0", "stack_ratio=0.5", "anchor=strided", "straight_through=true", "block=none"]
+        ["min_latent_tokens=0", "stack_ratio=0.5", "backend=torch", "keys_values_only=true", "block=none"]
     )
     assert settings == {
         "min_latent_tokens": 0,
         "stack_ratio": 0.5,
-        "anchor": "strided",
-        "straight_through": True,
+        "backend": "torch",
+        "keys_values_only": True,
         "block": None,
     }
     assert type(settings["min_latent_tokens"]) is int
@@ -107,9 +136,51 @@ def test_pending_redoes_an_edited_prompt_and_reads_the_latest_record():
     existing = {"00000.png", "00001.png"}
     assert [j.index for j in pending_jobs(new, [_record(j) for j in old], existing)] == [1]
     # The redo's record is later: it wins over the earlier one, whatever the line order.
-    records = [_record(new[1], finished=2.0), _record(old[1], finished=1.0), _record(old[0])]
+    records = [_record(new[1], sequence=1), _record(old[1], sequence=0), _record(old[0])]
     assert latest_records(records)[1]["prompt"] == "B!"
     assert pending_jobs(new, records, existing) == []
+
+
+def test_the_newest_record_wins_whatever_the_clocks_say():
+    # Issue 24: records were ordered by `finished` (wall clock): one written by a clock that
+    # was ahead won over every newer record of its image.
+    old, new = plan_jobs(["a", "b"], seed=0), plan_jobs(["a", "B!"], seed=0)
+    ahead = _record(old[1], sequence=0, finished=4_000_000_000.0)  # a clock years ahead
+    redone = _record(new[1], sequence=1, finished=1_700_000_000.0)
+    for records in ([ahead, redone], [redone, ahead]):
+        assert latest_records(records)[1]["prompt"] == "B!"
+        assert pending_jobs(new, records, {"00000.png", "00001.png"}) == [new[0]]
+    # A run's records come after everything it read; records from before sequences existed
+    # count as older than any with one, and among themselves the later line wins.
+    assert next_sequence([]) == 0 and next_sequence([ahead, redone, _record(old[0])]) == 2
+    legacy = [_record(old[1], finished=9e9), _record(new[1], finished=1.0)]
+    assert latest_records(legacy)[1]["prompt"] == "B!"
+    assert latest_records([*legacy[::-1], _record(old[1], sequence=0)])[1]["prompt"] == "b"
+
+
+def test_malformed_records_are_skipped_and_their_images_redone(tmp_path):
+    # Issue 24: a manifest field of the wrong type (by hand, or another tool) was a traceback.
+    jobs = plan_jobs(["a", "b", "c", "d", "e", "f"], seed=0)
+    identity = {"method": "mame", "settings": {"ratio": 0.75}, "model": "m", "resolution": 64, "steps": 2, "dtype": "float32"}
+    good = _record(jobs[0], **identity)
+    bad = [
+        {**_record(jobs[1], **identity), "seed": "1"},
+        {**_record(jobs[2], **identity), "index": "2"},
+        {**_record(jobs[3], **identity), "index": True},
+        {**_record(jobs[4], **identity), "prompt": 5},
+        {**_record(jobs[5], **identity), "sequence": "x"},
+        {**_record(jobs[5], **identity), "index": -5},
+        {**_record(jobs[5], **identity), "file": None},
+    ]
+    lines = [json.dumps(r) for r in [good, *bad]] + ["[1, 2]", "7", "null", "[" * 100_000]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    for job in jobs:
+        Image.new("RGB", (8, 8)).save(tmp_path / job.file)
+    records = read_records(tmp_path)
+    assert records == [good]
+    assert conflicting_setting(bad, identity, seed=0) is None
+    assert [j.index for j in pending_jobs(jobs, [good, *bad], set(os.listdir(tmp_path)))] == [1, 2, 3, 4, 5]
+    assert merge_manifest(tmp_path) and read_records(tmp_path) == [good]
 
 
 def test_resuming_with_other_settings_is_refused():
@@ -192,8 +263,9 @@ def test_help_shows_the_batch_options(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = capsys.readouterr().out
-    for option in ("--prompts", "--method", "--mame", "--compare", "--ratio", "--tau"):
+    for option in ("--prompts", "--method", "--mame", "--compare", "--ratio"):
         assert option in text
+    assert "--tau" not in text
 
 
 # -- one process, then two under accelerate launch -------------------------------------------------
@@ -276,9 +348,9 @@ def test_two_processes_share_the_work(runs):
         assert all(line["method"] == method and line["seconds"] > 0 for line in lines)
         assert all(line["device"].startswith("cpu") and line["batch"] == 1 for line in lines)
         assert all(line["resolution"] == 64 and line["steps"] == 2 for line in lines)
-        assert not (folder / generation.PARTS).exists()
-        assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
-    assert _manifest(two)[0]["settings"] == {"ratio": 0.75, "tau": 0.0}
+        assert not (folder / generation.PARTS).exists() and not (folder / generation.LOCK).exists()
+        assert not [p for p in folder.iterdir() if ".tmp-" in p.name or ".write-probe" in p.name]
+    assert _manifest(two)[0]["settings"] == {"ratio": 0.75}
 
 
 def test_only_the_main_process_reports(runs):
@@ -332,9 +404,166 @@ def test_batches_and_mame_settings_travel_into_the_manifest(tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:3]))
     out = tmp_path / "out"
     argv = [*ARGS, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--batch-size", "2"]
-    assert _main_one_thread([*argv, "--ratio", "0.5", "--mame", "min_latent_tokens=0", "--mame", "query_share=1"]) == 0
+    assert _main_one_thread([*argv, "--ratio", "0.5", "--mame", "min_latent_tokens=0", "--mame", "keys_values_only=true"]) == 0
     lines = _manifest(out)
     assert [(line["index"], line["batch"]) for line in lines] == [(0, 2), (1, 2), (2, 1)]
     assert all(line["method"] == "mame" for line in lines)
-    assert lines[0]["settings"] == {"ratio": 0.5, "tau": 0.0, "min_latent_tokens": 0, "query_share": 1}
+    assert lines[0]["settings"] == {"ratio": 0.5, "min_latent_tokens": 0, "keys_values_only": True}
     assert len(list(out.glob("*.png"))) == 3
+
+
+# -- one run per folder, clocks and failing writes (issue 24) -------------------------------------
+
+
+def _generate_into(tmp_path: Path, out: Path, prompts: list[str], *extra: str) -> int:
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return _main_one_thread([*ARGS, "--steps", "1", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), *extra])
+
+
+def _argv(tmp_path: Path, out: Path, prompts: list[str]) -> list[str]:
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return [*ARGS, "--steps", "1", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out)]
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")
+
+
+_HOLD_LOCK = (
+    "import sys\n"
+    "from mame_diffusers.generation import lock_folder\n"
+    "with lock_folder(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n"
+    "    sys.stdin.read()\n"
+)
+
+
+def test_a_second_run_into_a_folder_is_refused_while_the_first_runs(tmp_path, monkeypatch, capsys):
+    # Issue 24: of two runs into one folder, the first to finish merged the manifest and
+    # deleted manifest.parts/ under the other, which died with a FileNotFoundError traceback.
+    from mame_diffusers import loading
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        with monkeypatch.context() as patched:
+            patched.setattr(loading, "load_pipeline", _must_not_load)
+            status, err = exit_status_and_error(_argv(tmp_path, out, ["a cat"]), capsys)
+        assert status == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert str(out / generation.LOCK) in err and f"pid {first.pid} on {socket.gethostname()}" in err
+        assert not list(out.glob("*.png"))
+    finally:
+        first.send_signal(signal.SIGKILL)  # no clean-up: the lock file stays behind
+        first.wait()
+    # The system dropped the killed run's lock with its process: the next run goes ahead.
+    assert (out / generation.LOCK).exists()
+    assert _generate_into(tmp_path, out, ["a cat"]) == 0
+    assert [p.name for p in out.glob("*.png")] == ["00000.png"] and not (out / generation.LOCK).exists()
+
+
+@pytest.mark.parametrize("file_locks", [True, False], ids=["flock", "no-file-locks"])
+def test_the_folder_lock_names_its_holder_and_a_gone_holder_is_taken_over(tmp_path, monkeypatch, file_locks):
+    if not file_locks:  # a file system without flock (or Windows): the file itself is the lock
+        monkeypatch.setattr(generation, "_flock", lambda descriptor: None)
+    lock = tmp_path / generation.LOCK
+    with generation.lock_folder(tmp_path) as held:
+        assert held == lock and json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(UsageError, match=f"held by pid {os.getpid()} on {socket.gethostname()}") as refused:
+            with generation.lock_folder(tmp_path):
+                pass
+        assert str(lock) in str(refused.value) and ("delete" in str(refused.value)) is not file_locks
+    assert not lock.exists()
+    # Left behind by a process that is gone from this host: taken over.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    with generation.lock_folder(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_temporaries_of_a_live_writer_are_kept(tmp_path):
+    # Issue 24: a starting run removed every temporary file, also those a live process was
+    # still writing.
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        (tmp_path / f".00000.png.tmp-{live.pid}").write_bytes(b"being written")
+        (tmp_path / f".00001.png.tmp-{gone.pid}").write_bytes(b"left by a killed run")
+        (tmp_path / "00002.png").write_bytes(b"an image")
+        generation._remove_stale_temporaries(tmp_path)
+        assert sorted(os.listdir(tmp_path)) == [f".00000.png.tmp-{live.pid}", "00002.png"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_record_from_a_clock_that_is_ahead_does_not_win(tmp_path, monkeypatch):
+    # Issue 24: a record written while the clock was ahead (another node's, or one stepped
+    # back since) won over the newer ones: the manifest named the wrong prompt for the image,
+    # and the image was redone on every run.
+    out = tmp_path / "out"
+    years_ahead = types.SimpleNamespace(
+        time=lambda: time.time() + 10 * 365 * 86400, perf_counter=time.perf_counter, strftime=time.strftime
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(generation, "time", years_ahead)
+        assert _generate_into(tmp_path, out, ["a cat", "a dog"]) == 0
+    assert _generate_into(tmp_path, out, ["a cat", "a red dog"]) == 0  # the image of the new prompt
+    assert [line["prompt"] for line in _manifest(out)] == ["a cat", "a red dog"]
+    before = _state(out)
+    assert _generate_into(tmp_path, out, ["a cat", "a red dog"]) == 0
+    assert _state(out) == before  # nothing redone
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real = generation.write_image_atomically
+
+    def disk_fills_up(image, path):
+        if Path(path).name == "00001.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(image, path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(generation, "write_image_atomically", disk_fills_up)
+        status, err = exit_status_and_error(_argv(tmp_path, out, ["a cat", "a dog", "the sky"]), capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("mame-diffusers")]) == 1, err
+    assert "00001.png: the disk is full" in err and "run the same command again" in err
+    assert [p.name for p in out.glob("*.png")] == ["00000.png"] and not (out / generation.LOCK).exists()
+    assert _generate_into(tmp_path, out, ["a cat", "a dog", "the sky"]) == 0
+    assert [line["index"] for line in _manifest(out)] == [0, 1, 2]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from mame_diffusers import loading
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if ".write-probe" in os.fspath(path):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "load_pipeline", _must_not_load)
+        status, err = exit_status_and_error(_argv(tmp_path, blocker / "out", ["a cat"]), capsys)
+        assert status == 2 and "cannot write" in err and "Traceback" not in err, err
+        patched.setattr(os, "open", read_only)
+        status, err = exit_status_and_error(_argv(tmp_path, tmp_path / "read-only", ["a cat"]), capsys)
+        assert status == 2 and "the file system is read-only" in err and "Traceback" not in err, err
+        if os.geteuid() != 0:  # root writes into any folder
+            locked = tmp_path / "locked"
+            locked.mkdir(mode=0o555)
+            status, err = exit_status_and_error(_argv(tmp_path, locked, ["a cat"]), capsys)
+            assert status == 2 and "permission denied" in err, err
+    assert not [p for p in (tmp_path / "read-only").iterdir()]  # no probe left behind

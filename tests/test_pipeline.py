@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def test_without_mame_arguments_it_is_the_stock_pipeline(components, pipe):
 def test_mame_applies_for_one_call_only(pipe):
     before = processors(pipe)
     reference = generate(pipe)
-    merged = generate(pipe, mame_ratio=0.75, mame_tau=0.2)
+    merged = generate(pipe, mame_ratio=0.75, mame_max_downsample=1)
     assert not torch.equal(merged, reference)
     after = processors(pipe)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
@@ -60,16 +62,16 @@ def test_mame_applies_for_one_call_only(pipe):
 
 
 def test_the_call_sees_its_settings_and_earlier_ones_come_back(pipe):
-    apply_mame(pipe, ratio=0.5, tau=0.1)
+    apply_mame(pipe, ratio=0.5, max_downsample=1)
     seen = []
 
     def spy(pipeline, step, timestep, callback_kwargs):
         seen.append(patched_config(pipeline.unet))
         return callback_kwargs
 
-    generate(pipe, mame_tau=0.4, callback_on_step_end=spy)
-    assert seen and all(c == MaMeConfig(ratio=0.5, tau=0.4) for c in seen)
-    assert patched_config(pipe.unet) == MaMeConfig(ratio=0.5, tau=0.1)
+    generate(pipe, mame_max_downsample=2, callback_on_step_end=spy)
+    assert seen and all(c == MaMeConfig(ratio=0.5, max_downsample=2) for c in seen)
+    assert patched_config(pipe.unet) == MaMeConfig(ratio=0.5, max_downsample=1)
 
 
 def test_the_unet_is_restored_when_the_call_raises(pipe):
@@ -86,7 +88,8 @@ def test_the_unet_is_restored_when_the_call_raises(pipe):
     [
         ({"mame_rato": 0.5}, TypeError, "mame_rato"),
         ({"mame_ratio": 1.5}, ValueError, "ratio"),
-        ({"mame_tau": -3}, ValueError, "tau"),
+        ({"mame_tau": 0.2}, TypeError, "mame_tau"),  # a setting that no longer exists
+        ({"mame_keys_values_only": "yes"}, ValueError, "keys_values_only"),
         ({"mame_max_downsample": 3}, ValueError, "max_downsample"),
     ],
 )
@@ -95,6 +98,78 @@ def test_bad_mame_arguments_are_refused_before_anything_runs(pipe, kwargs, error
     with pytest.raises(error, match=match):
         pipe("x", height=64, width=64, num_inference_steps=1, **kwargs)
     assert all(processors(pipe)[k] is before[k] for k in before)
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread while the test runs: a call's float sums then round the same way
+    whether it runs alone or next to another thread's call, so images compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("earlier", [None, 0.3], ids=["stock", "after-apply_mame"])
+def test_threads_with_other_settings_each_get_their_own(pipe, one_thread, earlier):
+    # Issue 24: two threads calling with mame_ratio 0.5 and 0.9 made images of the other
+    # thread's settings, and left the UNet patched. Here three threads share one UNet (one
+    # through its own pipeline made with from_pipe, as servers give each request one), and
+    # each call sleeps at every step so that the calls overlap.
+    if earlier is not None:
+        apply_mame(pipe, ratio=earlier)
+    other = StableDiffusionMaMePipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    before, config = processors(pipe), patched_config(pipe.unet)
+    settings = {"0.5": (pipe, {"mame_ratio": 0.5}), "0.9": (pipe, {"mame_ratio": 0.9}), "plain": (other, {})}
+    references = {name: generate(pipeline, **kwargs) for name, (pipeline, kwargs) in settings.items()}
+    assert not torch.equal(references["0.5"], references["0.9"])
+    assert not torch.equal(references["0.5"], references["plain"])
+
+    def slowly(pipeline, step, timestep, callback_kwargs):
+        time.sleep(0.05)
+        return callback_kwargs
+
+    start = threading.Barrier(len(settings))
+    images, errors = {name: [] for name in settings}, []
+
+    def work(name):
+        pipeline, kwargs = settings[name]
+        try:
+            start.wait()
+            for _ in range(2):
+                images[name].append(generate(pipeline, callback_on_step_end=slowly, **kwargs))
+        except Exception as error:  # noqa: BLE001 - reported below, with the thread's name
+            errors.append(f"{name}: {error!r}")
+
+    workers = [threading.Thread(target=work, args=(name,)) for name in settings]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not errors and not any(worker.is_alive() for worker in workers), errors
+    differing = [name for name, made in images.items() for image in made if not torch.equal(image, references[name])]
+    assert not differing, f"images not made with their own call's settings: {differing}"
+    # The UNet ends as it was: stock, with the same processor objects and no hooks; or with
+    # the earlier apply_mame's settings back on (applied again: new processors, same settings).
+    after = processors(pipe)
+    assert patched_config(pipe.unet) == config and after.keys() == before.keys()
+    if earlier is None:
+        assert all(after[k] is before[k] for k in before)
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in pipe.unet.modules())
+    else:
+        assert all(type(after[k]) is type(before[k]) for k in before)
+    assert torch.equal(generate(other), references["plain"])
+
+
+def test_a_call_with_other_settings_inside_a_call_is_refused_not_a_deadlock(pipe):
+    def nested(pipeline, step, timestep, callback_kwargs):
+        generate(pipeline, mame_ratio=0.9)
+        return callback_kwargs
+
+    with pytest.raises(RuntimeError, match="wait for itself"):
+        generate(pipe, mame_ratio=0.5, callback_on_step_end=nested)
+    assert patched_config(pipe.unet) is None
 
 
 def test_the_package_exports_the_pipeline_lazily():
@@ -130,6 +205,40 @@ def test_save_and_load_the_diffusers_ways(pipe, tmp_path, monkeypatch):
     assert type(plain) is StableDiffusionPipeline
     plain.set_progress_bar_config(disable=True)
     torch.testing.assert_close(generate(StableDiffusionMaMePipeline.from_pipe(plain), mame_ratio=0.75), reference)
+
+
+def test_custom_pipeline_loads_from_any_folder(pipe, tmp_path, monkeypatch):
+    # Issue 24: custom_pipeline="pipelines/pipeline_stable_diffusion_mame.py" resolves from
+    # the working folder, so it worked from the repository's root only. The package carries
+    # its own entry point, and says where it is.
+    import mame_diffusers
+
+    path = mame_diffusers.CUSTOM_PIPELINE
+    assert isinstance(path, str) and os.path.isabs(path) and path.endswith(".py")
+    assert Path(path).parent == Path(mame_diffusers.__file__).resolve().parent  # installed with the package
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    reference = generate(pipe, mame_ratio=0.75)
+    pipe.save_pretrained(tmp_path / "saved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no pipelines/ folder here
+    custom = DiffusionPipeline.from_pretrained(tmp_path / "saved", custom_pipeline=path, trust_remote_code=True)
+    assert type(custom) is StableDiffusionMaMePipeline
+    custom.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(generate(custom, mame_ratio=0.75), reference)
+
+
+def test_the_custom_pipeline_path_is_exported_without_importing_diffusers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mame_diffusers\n"
+        "assert 'CUSTOM_PIPELINE' in mame_diffusers.__all__ and 'CUSTOM_PIPELINE' in dir(mame_diffusers)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_offline_tokenizer_encodes_any_text_and_fits_the_text_encoder(components):

@@ -5,6 +5,7 @@ Kept out of the CLI module so that the notebook and scripts call the same functi
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -157,15 +158,29 @@ def bench_warnings(rows: list[dict[str, Any]], *, tiny: bool, tomesd_installed: 
             "everything runs; time the real architecture (no --quick) to compare methods"
         )
     noisy = [f"{row['method']} {row['spread']:.0%}" for row in rows if row.get("spread", 0.0) > SPREAD_WARNING]
+    noisy += [
+        f"{row['method']} pipeline {spread:.0%}"
+        for row in rows
+        if (spread := _spread(row.get("pipeline_all_seconds"))) > SPREAD_WARNING
+    ]
     if noisy:
         notes.append(
             f"timed rounds spread more than {SPREAD_WARNING:.0%} (max - min over the median: {', '.join(noisy)}): "
             "the machine's speed changed during the run (shared CPUs, other work), and speed-ups closer than "
-            "that spread do not rank the methods; rerun with more --repeats on a quieter machine"
+            "that spread do not rank the methods; rerun with more --repeats (UNet) or --pipeline-rounds "
+            "(pipeline) on a quieter machine"
         )
     if not tomesd_installed:
         notes.append("tomesd is not installed, so its rows are missing: pip install tomesd (or the [bench] extras)")
     return notes
+
+
+def _spread(seconds: Sequence[float] | None) -> float:
+    """Max - min over the median of timed rounds (0 for fewer than two)."""
+    if not seconds or len(seconds) < 2:
+        return 0.0
+    middle = statistics.median(seconds)
+    return (max(seconds) - min(seconds)) / middle if middle > 0 else 0.0
 
 
 def run_bench(args, device: torch.device) -> list[Path]:
