@@ -7,9 +7,10 @@ forward of the full-size architectures (SD 2.1 at 512, 768 and 1024, SDXL at 102
 top-level ATen operations, and each launch of MaMe's Triton kernels):
 
 - stock;
-- MaMe merging every call (``min_latent_tokens=0``), with the torch path (``backend="torch"``)
-  and with the fused Triton kernels (``backend="triton"``), keys/values only (the default)
-  and ``query_share=1``.
+- MaMe merging every call (``min_latent_tokens=0``) with the default settings (queries,
+  keys and values merged, queries restored), with the torch path (``backend="torch"``) and
+  with the fused Triton kernels (``backend="triton"``);
+- the same with ``keys_values_only=True`` (keys and values merged, nothing restored).
 
 On the meta device nothing is computed, so a whole SDXL forward counts in seconds. An ATen
 operation launches one kernel or a few on a GPU (the H200 profiler counted 1,159 kernels
@@ -30,9 +31,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from mame_diffusers import kernels
 from mame_diffusers.benchmarking.ops import unet_forward_ops
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
+from mame_diffusers.merging import kernels
 from mame_diffusers.offline import unet_config, unet_inputs
 
 SETTINGS = [("sd21", 512), ("sd21", 768), ("sd21", 1024), ("sdxl", 1024)]
@@ -40,8 +41,8 @@ METHODS: list[tuple[str, dict[str, Any] | None]] = [
     ("stock", None),
     ("MaMe torch", {}),
     ("MaMe triton", {"backend": "triton"}),
-    ("MaMe torch, query_share=1", {"query_share": 1.0}),
-    ("MaMe triton, query_share=1", {"query_share": 1.0, "backend": "triton"}),
+    ("MaMe torch, keys_values_only", {"keys_values_only": True}),
+    ("MaMe triton, keys_values_only", {"keys_values_only": True, "backend": "triton"}),
 ]
 
 

@@ -64,9 +64,11 @@ class MaMeConfig(OperatorSettings):
         block: side of the blocks in which tokens choose their slots (see
             :func:`mame_diffusers.plan_merge`).
         backend: ``"torch"`` (every device, differentiable), ``"triton"`` (fused kernels on
-            CUDA: one launch per plan, merge or restore; inference only) or ``"auto"`` (the
-            kernels where they can run, the torch path elsewhere). Under ``torch.compile``
-            the kernels are operators that the compiled graph launches (torch 2.6 or newer).
+            CUDA: one launch per plan, merge or restore, and one fit per plan at its first
+            restore; inference only; ``mame_diffusers/merging/kernels.py``) or ``"auto"``
+            (the kernels where they can run, the torch path elsewhere). Under
+            ``torch.compile`` the kernels are operators that the compiled graph launches
+            (torch 2.6 or newer).
     """
 
     ratio: float = DEFAULT_RATIO
@@ -173,7 +175,10 @@ def _say_unmerged(device: torch.device, latent_tokens: int, threshold: int) -> N
     )
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _kernels_can_take(tokens: torch.Tensor) -> bool:
-    """Whether ``backend="auto"`` plans ``tokens`` with the kernels: CUDA tensors whose merge
-    needs no gradient (the kernels have no backward pass)."""
-    return tokens.is_cuda and not (tokens.requires_grad and torch.is_grad_enabled())
+    """Whether ``backend="auto"`` plans ``tokens`` with the kernels: CUDA tensors of a dtype
+    they take whose merge needs no gradient (the kernels have no backward pass)."""
+    return tokens.is_cuda and tokens.dtype in _KERNEL_DTYPES and not (tokens.requires_grad and torch.is_grad_enabled())
