@@ -1,37 +1,48 @@
-"""GPU benchmark of MaMe: where the time goes, and what merging saves, on one lent GPU.
+"""GPU benchmark of MaMe on diffusers UNets: the one command a session lent a GPU runs
+(``bash benchmarks/gpu.sh OUT``), inside the lent machine's 10-minute limit.
 
-Sections, in this order (each one written to ``OUT/gpu.json`` and ``OUT/gpu.md`` as soon as
-it ends, so that a crash or the time limit loses only the section that was running):
+Sections, in this order (each written to ``OUT/gpu.json`` and ``OUT/gpu.md`` as it ends, so
+that a crash or the time limit loses only the section that was running):
 
-1. **operator**: ``plan_merge`` + ``merge`` alone, and one diffusers self-attention (C = 320,
-   5 heads) stock vs ``MaMeProcessor()``, at N = 4096, 9216 and 16384 tokens: ms per call and
-   CUDA kernels per call.
-2. **eager UNet**: SD 2.1 at 512, 768, 1024 and 2048 (batch 2), 1024 at batch 8, SDXL at 1024;
-   stock vs MaMe (defaults, ``query_share=1``, any ``--mame-variant``) vs tomesd 0.5 and 0.75.
-   One patched copy of the same seeded model per method, called round by round; median /
-   min / max ms, peak memory, and the error of the noise prediction against stock. At 512,
-   768, 1024 and on SDXL, one profiled forward of stock, of MaMe defaults and of MaMe with the
-   Triton kernels: kernels per forward and attention's share of GPU time (the **profiler**
-   table). Where triton runs (a GPU), every UNet table has a column for MaMe with
-   ``backend="triton"``, merging every call, and the operator section times the kernels.
-3. **CUDA graphs**: SD 2.1 at 1024, 768 and 512 and SDXL at 1024 (batch 2), each method's copy
-   recorded once into a CUDA graph and replayed: the GPU time without launch overhead, which
-   is what CUDA graphs give a pipeline, and where merging small attention may pay. Adds MaMe
-   merging every call (``min_latent_tokens=0``) to the methods.
-4. **compiled**: ``torch.compile`` of the SD 2.1 UNet at 768 (``--compile-model``, ``--compile-resolution``),
-   MaMe (defaults, or ``--compile-mame``'s settings) then stock: compile time, ms, speed-ups
-   over eager and compiled stock; then ``plan_merge`` + ``merge`` compiled; whether changing
-   MaMe's ratio on the compiled model works; and ``mode="reduce-overhead"`` (these last two
-   rarely fit the default budget).
+1. **kernel tests**: ``python -m pytest -q tests/test_kernels.py`` on CUDA, with
+   ``TRITON_INTERPRET`` unset (compiled kernels, not the interpreter); its output goes to
+   ``OUT/kernel_tests.txt``. A failure does not stop the timing: the "MaMe triton" rows
+   are then left out.
+2. **eager** and **graphs**, per setting: SD 2.1 at 512, 768 and 1024, batch 2 then batch 8,
+   SDXL at 1024 batch 2, then SD 2.1 at 2048 batch 2. Eager: each method's patched copy
+   called as a pipeline calls it. Graphs: each copy's call recorded once into a CUDA graph
+   (``torch.cuda.graph``) and replayed, as a pipeline with CUDA graphs runs it.
+3. **compiled**: ``torch.compile`` (default mode) at SD 2.1 768 b2: the fused default (MaMe
+   triton, or MaMe torch where there are no triton rows), stock, then MaMe torch (compiling
+   takes a minute or more each: last, and the first to be skipped).
 
-Random weights from the shipped configs (the architecture sets the speed), float16 on CUDA.
-Every section has an estimated cost; one is skipped, and listed as skipped, when less of the
-``--budget`` is left than it needs, and an alarm stops the run at the budget's end whatever
-is running, so that ``benchmarks/gpu.sh`` finishes inside its hard limit. A section that
-raises is recorded with its error and the run goes on.
+Methods: ``stock``; ``MaMe defaults`` (``apply_mame(unet)`` as shipped, with the CUDA
+thresholds, so small calls stay unmerged); ``MaMe torch`` (the default operator merging
+every call, ``min_latent_tokens=0``); ``MaMe triton`` (the same with ``backend="triton"``:
+the fused kernels, where they import, on CUDA, and their tests passed); ``MaMe kv-only``
+(``keys_values_only=True``, merging every call); ``tomesd 0.5`` and ``tomesd 0.75``
+(``max_downsample=2``: tomesd's default merges nothing on SDXL; ``use_rand=False`` in
+graphs, which cannot record tomesd's own generator); any ``--mame-variant``.
 
-Run through ``bash benchmarks/gpu.sh OUT_DIR`` (installs nothing). ``--quick`` maps every
-section to tiny models, to check the script itself on any machine.
+Every row: the median ms of interleaved rounds (one patched copy per method, called in turn
+round by round), min and max, the speed-up over stock in the same mode, the relative error
+of the noise prediction against eager stock (photo latents, random weights from the shipped
+configs, fp16) and the kernels one forward launches (one profiled forward per method and
+model; ``MaMe defaults`` launches stock's or MaMe torch's, as it merged or not).
+
+At the end, per mode, the smallest latent-token count (batch x latent height x width) from
+which the fused default beats stock at every measured size: what ``DEFAULT_MIN_LATENT_TOKENS``
+(``mame_diffusers/defaults.py``) should be. Printed, and in ``gpu.json`` ("thresholds").
+
+Budget: every section has an estimated cost; one is skipped, and listed as skipped, when
+less of the ``--budget`` (540 s from the start by default) is left than it needs; an alarm
+stops the run at the budget's end whatever is running, and ``gpu.sh``'s ``timeout`` is the
+hard stop behind it. A section that raises is recorded with its error and the run goes on.
+``--quick`` maps every setting to tiny models, to check the script on any machine.
+
+To add sections (diffusion transformers, say): :meth:`Benchmark.plan` lists ``Section``s
+(name, estimated seconds, what it runs, the model it holds); rows carry ``mode``,
+``setting``, ``latent_tokens`` and ``method``, from which the tables and thresholds are built.
 """
 
 from __future__ import annotations
@@ -43,48 +54,56 @@ STARTED = time.perf_counter()  # the budget counts from here: the imports below 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import math  # noqa: E402
+import hashlib  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
-import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from mame_diffusers import MaMeConfig, MaMeProcessor, apply_mame, kernels, merge_layout, plan_merge  # noqa: E402
+from mame_diffusers import MaMeConfig  # noqa: E402
 from mame_diffusers.benchmarking.profiling import profile_call  # noqa: E402
 from mame_diffusers.benchmarking.report import environment, markdown_table, package_version, write_report  # noqa: E402
 from mame_diffusers.benchmarking.timing import synchronize  # noqa: E402
-from mame_diffusers.benchmarking.unet import (  # noqa: E402
-    Method,
-    baseline,
-    call_like_a_pipeline,
-    compare_unet_copies,
-    mame,
-    patched_copies,
-    tomesd_method,
-)
+from mame_diffusers.benchmarking.unet import call_like_a_pipeline, compare_unet_copies, patched_copies  # noqa: E402
+from mame_diffusers.defaults import DEFAULT_MIN_LATENT_TOKENS  # noqa: E402
+from mame_diffusers.merging import kernels  # noqa: E402
+from mame_diffusers.methods import Method, baseline, mame, tomesd_method  # noqa: E402
 from mame_diffusers.offline import build_unet, unet_inputs  # noqa: E402
 
-#: Default ``--budget`` (seconds from the start of the process). gpu.sh's hard stop is 350 s
-#: and the lent machine's limit 6 minutes: the alarm at the budget's end plus a few seconds
-#: to write the report still ends inside both.
-DEFAULT_BUDGET = 330.0
-QUICK_BUDGET = 150.0
+ROOT = Path(__file__).resolve().parents[1]
+#: Seconds from the start. gpu.sh's hard stop is 565 s and a lent machine's command 600 s
+#: (the wheels' install comes first): the alarm at the budget's end plus the grace to write
+#: the report ends inside both.
+DEFAULT_BUDGET = 540.0
+QUICK_BUDGET = 180.0
 #: Seconds after the budget at which the alarm stops whatever is running.
-ALARM_GRACE = 12
+ALARM_GRACE = 10
+#: The kernel tests: what runs, and the most it may take.
+KERNEL_TESTS = "tests/test_kernels.py"
+KERNEL_TESTS_TIMEOUT = 180.0
+KERNEL_TESTS_ESTIMATE = 120.0
 
 STOCK = "stock"
-MAME_DEFAULTS = "MaMe defaults"
+DEFAULTS = "MaMe defaults"
+TORCH = "MaMe torch"
+TRITON = "MaMe triton"
+KV_ONLY = "MaMe kv-only"
+MODES = ("eager", "graphs", "compiled")
+#: A speed-up above this counts as beating stock.
+WIN = 1.0
 
 
 class SectionSkipped(Exception):
-    """A section that cannot run here (no CUDA, a section it needs did not run)."""
+    """A section that cannot run here (no CUDA, what it needs did not run)."""
 
 
 class BudgetExceeded(BaseException):
@@ -97,16 +116,17 @@ class BudgetExceeded(BaseException):
 
 
 @dataclass(frozen=True)
-class UNetSetting:
-    """One eager whole-UNet section."""
+class Setting:
+    """A UNet at one size: what the eager and graph sections time."""
 
     model: str  # a name of mame_diffusers.offline.UNET_CONFIGS
     resolution: int  # pixels; latents are resolution / 8 on a side
     batch: int
-    warmup: int
-    repeats: int
-    per_call: float  # estimated seconds of one UNet call on an H200 (methods averaged)
-    profile: bool = False
+    per_call: float  # estimated seconds of one eager call (methods averaged)
+    replay: float  # estimated seconds of one replay of its CUDA graph
+    warmup: int = 2
+    repeats: int = 8
+    graph_repeats: int = 10  # replays are cheap
 
     @property
     def label(self) -> str:
@@ -114,43 +134,87 @@ class UNetSetting:
         return f"{names.get(self.model, self.model)} {self.resolution} b{self.batch}"
 
     @property
+    def latent_hw(self) -> tuple[int, int]:
+        return (self.resolution // 8, self.resolution // 8)
+
+    @property
+    def latent_tokens(self) -> int:
+        return self.batch * self.latent_hw[0] * self.latent_hw[1]
+
+    @property
     def sdxl(self) -> bool:
         return "sdxl" in self.model
 
 
-def eager_settings(quick: bool) -> list[UNetSetting]:
-    """The eager sections, in the order they run (the later, the likelier to be skipped)."""
-    if quick:  # tiny models standing in for each setting, seconds each on a CPU
+def unet_settings(quick: bool) -> list[Setting]:
+    """The eager + graph settings, in the order they run (the later, the likelier skipped).
+    Estimates: an H200 in fp16, methods averaged (batch 2 up to 1024 is launch bound eagerly)."""
+    if quick:  # tiny models standing in for batch 2, batch 8, SDXL and 2048: tenths of a second a call on a CPU
         return [
-            UNetSetting("tiny-sd", 64, 2, 1, 2, 0.05, profile=True),
-            UNetSetting("tiny-sd", 128, 2, 1, 2, 0.1, profile=True),
-            UNetSetting("tiny-sd", 256, 2, 1, 2, 0.3, profile=True),
-            UNetSetting("tiny-sd", 384, 2, 1, 2, 0.8),
-            UNetSetting("tiny-sd", 128, 8, 1, 2, 0.3),
-            UNetSetting("tiny-sdxl", 256, 2, 1, 2, 0.3, profile=True),
+            Setting("tiny-sd", 64, 2, 0.2, 0.2, 1, 2, 2),
+            Setting("tiny-sd", 64, 8, 0.3, 0.3, 1, 2, 2),
+            Setting("tiny-sdxl", 128, 2, 0.3, 0.3, 1, 2, 2),
+            Setting("tiny-sd", 128, 2, 0.3, 0.3, 1, 2, 2),
         ]
-    # Per-call estimates: H100/H200-class fp16 eager times, tomesd's and MaMe's overheads in.
     return [
-        UNetSetting("sd21", 512, 2, 3, 10, 0.04, profile=True),
-        UNetSetting("sd21", 768, 2, 3, 10, 0.07, profile=True),
-        UNetSetting("sd21", 1024, 2, 3, 10, 0.14, profile=True),
-        UNetSetting("sd21", 2048, 2, 2, 6, 0.5),
-        UNetSetting("sd21", 1024, 8, 2, 6, 0.5),
-        UNetSetting("sdxl", 1024, 2, 3, 10, 0.18, profile=True),
+        Setting("sd21", 512, 2, 0.045, 0.015),
+        Setting("sd21", 768, 2, 0.05, 0.025),
+        Setting("sd21", 1024, 2, 0.06, 0.04),
+        Setting("sd21", 512, 8, 0.06, 0.04),
+        Setting("sd21", 768, 8, 0.10, 0.075),
+        Setting("sd21", 1024, 8, 0.16, 0.13),
+        Setting("sdxl", 1024, 2, 0.10, 0.05),
+        Setting("sd21", 2048, 2, 0.30, 0.25, 1, 5, 6),
     ]
 
 
-def graph_settings(quick: bool) -> list[UNetSetting]:
-    """The CUDA-graph sections: the batch-2 sizes that eager launches leave unmerged by default."""
-    if quick:
-        return [UNetSetting("tiny-sd", 128, 2, 1, 2, 0.05), UNetSetting("tiny-sdxl", 256, 2, 1, 2, 0.1)]
-    # Per-call estimates: replays cost the GPU time only (about half the eager call).
-    return [
-        UNetSetting("sd21", 1024, 2, 3, 12, 0.05),
-        UNetSetting("sd21", 768, 2, 3, 12, 0.03),
-        UNetSetting("sdxl", 1024, 2, 3, 12, 0.08),
-        UNetSetting("sd21", 512, 2, 3, 12, 0.02),
-    ]
+def compiled_setting(quick: bool) -> Setting:
+    """Where ``torch.compile`` is timed: one size (compiling costs a minute or more per model)."""
+    return Setting("tiny-sd", 64, 2, 0.2, 0.2, 1, 2) if quick else Setting("sd21", 768, 2, 0.03, 0.03, 2, 6)
+
+
+def tomesd_name(ratio: float, fixed: bool) -> str:
+    return f"tomesd {ratio}" + (" (use_rand=False)" if fixed else "")
+
+
+def all_methods(*, triton: bool, variants: list[dict[str, Any]]) -> list[Method]:
+    """Every method of the eager and graph modes, one patched copy each (stock first)."""
+    methods = {
+        STOCK: baseline(),
+        DEFAULTS: mame(),
+        TORCH: mame(min_latent_tokens=0),
+        **({TRITON: mame(min_latent_tokens=0, backend="triton")} if triton else {}),
+        KV_ONLY: mame(min_latent_tokens=0, keys_values_only=True),
+    }
+    for ratio in (0.5, 0.75):
+        for fixed in (False, True):  # graphs cannot record tomesd's own generator's draws
+            peer = tomesd_method(ratio, max_downsample=2, **({"use_rand": False} if fixed else {}))
+            if peer is not None:
+                methods[tomesd_name(ratio, fixed)] = peer
+    for settings in variants:
+        methods["MaMe " + ", ".join(f"{k}={v}" for k, v in settings.items())] = mame(**settings)
+    return [replace(method, name=name) for name, method in methods.items()]
+
+
+def mode_methods(mode: str, names: list[str]) -> list[str]:
+    """The methods ``mode`` times, of the copies ``names``: eager leaves out the copies made
+    for graphs (tomesd without its random draws), graphs the other tomesd copies."""
+    if mode == "graphs":
+        return [n for n in names if not (n.startswith("tomesd") and not n.endswith("(use_rand=False)"))]
+    return [n for n in names if not n.endswith("(use_rand=False)")]
+
+
+def triton_allowed(on_cuda: bool, tests: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether the "MaMe triton" rows run, and why not: triton importable, CUDA, and the
+    kernels' CUDA tests passed (or were deliberately not run: ``--kernel-tests none``, --only)."""
+    if not kernels.available():
+        return False, "triton is not importable"
+    if not on_cuda:
+        return False, "not on CUDA (Triton's interpreter is far too slow to time; the tests check it)"
+    status = (tests or {}).get("status", "not run")
+    if status not in ("passed", "not run"):
+        return False, f"the kernels' CUDA tests {status}"
+    return True, "" if status == "passed" else "the kernels' CUDA tests did not run: the triton rows are unchecked"
 
 
 def parse_value(text: str) -> Any:
@@ -164,7 +228,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``'min_latent_tokens=0'`` or ``'ratio=0.9,query_share=1'`` -> settings for apply_mame."""
+    """``'block=8'`` or ``'ratio=0.9,min_latent_tokens=0'`` -> settings for apply_mame."""
     settings = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = pair.partition("=")
@@ -174,75 +238,34 @@ def parse_variant(text: str) -> dict[str, Any]:
     return settings
 
 
-def named(method: Method, name: str) -> Method:
-    return replace(method, name=name)
-
-
-def unet_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Method], list[str]]:
-    """Stock first (the reference), MaMe, tomesd, then the command line's MaMe variants;
-    and notes on what is missing."""
-    methods = [
-        named(baseline(), STOCK),
-        named(mame(), MAME_DEFAULTS),
-        named(mame(query_share=1.0), "MaMe query_share=1"),
-    ]
-    peers, notes = tomesd_peers(sdxl)
-    return methods + triton_methods() + peers + variant_methods(variants), notes
-
-
-MAME_EVERY_CALL = "MaMe merging every call"
-MAME_TRITON = "MaMe triton, merging every call"
-
-
-def triton_runs() -> bool:
-    """Whether ``backend="triton"`` is timed here: triton importable, and a GPU. (Triton's
-    interpreter runs the kernels on a CPU, but far too slowly to time; the tests check them.)"""
-    return kernels.available() and torch.cuda.is_available()
-
-
-def triton_methods() -> list[Method]:
-    """MaMe's defaults with the Triton kernels, merging every call (the eager defaults
-    leave batch-2 calls up to 1024 unmerged on CUDA), where they can run."""
-    return [named(mame(backend="triton", min_latent_tokens=0), MAME_TRITON)] if triton_runs() else []
-
-
-def graph_methods(variants: list[dict[str, Any]], sdxl: bool) -> tuple[list[Method], list[str]]:
-    """The eager methods plus MaMe with ``min_latent_tokens=0`` (the defaults leave batch-2
-    calls up to 1024 unmerged on CUDA: recorded, launches cost nothing, and merging may pay).
-    tomesd draws its destination tokens with its own CUDA generator, which a graph cannot
-    record: it runs with ``use_rand=False`` here."""
-    methods = [named(baseline(), STOCK), named(mame(), MAME_DEFAULTS)]
-    methods.append(named(mame(min_latent_tokens=0), MAME_EVERY_CALL))
-    methods.append(named(mame(min_latent_tokens=0, query_share=1.0), f"{MAME_EVERY_CALL}, query_share=1"))
-    methods += triton_methods()
-    peers, notes = tomesd_peers(sdxl, use_rand=False)
-    notes.append("CUDA graphs: tomesd runs with use_rand=False (a graph cannot record its own generator's draws)")
-    return methods + peers + variant_methods(variants), notes
-
-
-def tomesd_peers(sdxl: bool, **settings: Any) -> tuple[list[Method], list[str]]:
-    """tomesd at ratios 0.5 and 0.75 (with ``settings``), and notes on what is missing."""
-    peers = []
-    for ratio in (0.5, 0.75):
-        # tomesd's defaults merge nothing on SDXL (no attention at full resolution): give it
-        # the level that has attention, so that the comparison means something.
-        peer = tomesd_method(ratio, **({"max_downsample": 2} if sdxl else {}), **settings)
-        if peer is not None:
-            peers.append(named(peer, f"tomesd {ratio}"))
-    if not peers:
-        return peers, ["tomesd is not importable here: its columns are missing from the UNet tables"]
-    if sdxl:
-        return peers, ["tomesd on SDXL runs with max_downsample=2 (its default merges nothing there)"]
-    return peers, []
-
-
-def variant_methods(variants: list[dict[str, Any]]) -> list[Method]:
-    """The command line's ``--mame-variant`` settings, one MaMe method each."""
-    methods = []
-    for settings in variants:
-        label = ", ".join(f"{k}={v}" for k, v in settings.items())
-        methods.append(named(mame(**settings), f"MaMe {label}"))
-    return methods
+def crossover(points: list[tuple[int, float]]) -> dict[str, Any]:
+    """``(latent tokens, speed-up over stock)`` of one method in one mode -> the smallest
+    measured token count from which it beats stock at every measured size (``None`` when it
+    loses at the largest), the smallest at which it beats stock at all, and a verdict."""
+    points = sorted(points)
+    if not points:
+        return {"min_latent_tokens": None, "first_win": None, "points": [], "verdict": "not measured"}
+    threshold = None
+    for tokens in sorted({t for t, _ in points}, reverse=True):
+        if all(s > WIN for t, s in points if t >= tokens):
+            threshold = tokens
+        else:
+            break
+    wins = [t for t, s in points if s > WIN]
+    smallest, largest = points[0][0], points[-1][0]
+    if threshold is None:
+        verdict = f"does not beat stock at the largest size measured ({largest} tokens)"
+    elif threshold == smallest:
+        verdict = f"beats stock at every size measured, {smallest} tokens and up: the threshold may lie lower"
+    else:
+        below = max(t for t, s in points if t < threshold and s <= WIN)
+        verdict = f"beats stock at every size measured from {threshold} tokens; not at {below}"
+    return {
+        "min_latent_tokens": threshold,
+        "first_win": wins[0] if wins else None,
+        "points": [list(p) for p in points],
+        "verdict": verdict,
+    }
 
 
 class GraphedUNet(torch.nn.Module):
@@ -275,7 +298,38 @@ class GraphedUNet(torch.nn.Module):
         return self.output
 
 
+@dataclass
+class Section:
+    name: str
+    estimate: float  # seconds
+    run: Callable[[], str | None]  # returns a note for the sections table, if any
+    model: str | None = None  # the pooled model it uses: released after its last section
+
+
 # -- the report -------------------------------------------------------------------------------
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+def _describe(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _tokens(item: tuple[str, list]) -> int:
+    return item[1][0]
+
+
+def _cell(row: dict[str, Any]) -> str:
+    """``1.42x (0.0213)``: speed-up over stock in the mode, and the error against stock."""
+    if row.get("failed"):
+        return "failed: " + row["failed"].split(":")[0]
+    if row.get("speedup") is None:
+        return "-"
+    error = "?" if row.get("error") is None else f"{row['error']:.4f}"
+    return f"{row['speedup']:.2f}x ({error})"
 
 
 @dataclass
@@ -286,201 +340,205 @@ class Report:
     payload: dict[str, Any]
     sections: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.payload["rows"]
+
     def write(self) -> None:
         self.payload["sections"] = self.sections
+        self.payload["thresholds"] = self.thresholds()
         self.payload["seconds_total"] = time.perf_counter() - self.payload["_started"]
         payload = {k: v for k, v in self.payload.items() if not k.startswith("_")}
         write_report(self.out / "gpu", payload, self.markdown(), header=False)
 
-    # The tables, built from the raw rows each time.
+    def fused_default(self, mode: str) -> str:
+        """The fused default's method in ``mode``: the Triton kernels where they ran."""
+        return TRITON if any(r["mode"] == mode and r["method"] == TRITON for r in self.rows) else TORCH
 
-    def eager_summary(self, key: str = "eager") -> str:
-        rows, methods = [], self._eager_methods(key)
-        for label, group in self._eager_groups(key).items():
-            row: dict[str, Any] = {"setting": label}
-            stock = group.get(STOCK, {})
-            row["stock ms"] = _ms(stock.get("seconds"))
-            for name in methods:
-                entry = group.get(name)
-                if entry is None:
-                    row[name] = None
-                elif "failed" in entry:
-                    row[name] = "failed: " + entry["failed"].split(":")[0]
-                elif entry.get("speedup") is None:
-                    row[name] = None
-                else:
-                    row[name] = _speedup_cell(entry)
-            rows.append(row)
-        return markdown_table(rows, ["setting", "stock ms", *methods], {"stock ms": ".1f"}) if rows else ""
+    def thresholds(self) -> dict[str, Any]:
+        """Per mode and MaMe method: :func:`crossover` of its speed-ups; and the suggested
+        ``DEFAULT_MIN_LATENT_TOKENS`` (the fused default's, eager and graphs)."""
+        result: dict[str, Any] = {}
+        for mode in MODES:
+            found = {}
+            for method in (TRITON, TORCH):
+                rows = [
+                    r for r in self.rows if r["mode"] == mode and r["method"] == method and r.get("speedup") is not None
+                ]
+                if rows:
+                    found[method] = crossover([(r["latent_tokens"], r["speedup"]) for r in rows])
+                    found[method]["settings"] = {r["setting"]: [r["latent_tokens"], r["speedup"]] for r in rows}
+            if found:
+                result[mode] = {"fused default": self.fused_default(mode), **found}
+        suggested = {}
+        for mode, key in (("eager", "cuda"), ("graphs", "cuda-graph")):
+            if mode in result and result[mode]["fused default"] in result[mode]:
+                suggested[key] = result[mode][result[mode]["fused default"]]["min_latent_tokens"]
+        result["suggested DEFAULT_MIN_LATENT_TOKENS"] = suggested
+        result["shipped DEFAULT_MIN_LATENT_TOKENS"] = dict(DEFAULT_MIN_LATENT_TOKENS)
+        return result
 
-    def eager_details(self) -> str:
+    def kernels_of(self, row: dict[str, Any]) -> int | None:
+        """Kernels one forward of ``row``'s method launches: its profile (eager ones serve the
+        graphs too: a replay launches the same kernels, as one graph)."""
+        counts = self.payload["kernels"]
+        if row["mode"] == "compiled" and row["method"] != f"{STOCK} (eager)":
+            return counts.get(f"{row['model']} compiled", {}).get(row["method"])
+        method = row["method"]
+        if method == DEFAULTS:
+            method = TORCH if row.get("merged") else STOCK
+        method = method.removesuffix(" (use_rand=False)").removesuffix(" (eager)")
+        return counts.get(row["model"], {}).get(method)
+
+    # Tables.
+
+    def summary_table(self, mode: str) -> str:
+        """One line per setting: stock's ms, and each method's speed-up (error)."""
+        rows = [r for r in self.rows if r["mode"] == mode]
+        eager_stock = f"{STOCK} (eager)"  # the compiled rounds' reference
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in (STOCK, eager_stock)))
+        lines = []
+        for label in dict.fromkeys(r["setting"] for r in rows):
+            group = {r["method"]: r for r in rows if r["setting"] == label}
+            line = {"setting": label, "tokens": next(iter(group.values()))["latent_tokens"]}
+            line["stock ms"] = _ms(group.get(STOCK, {}).get("seconds"))
+            line["eager stock ms"] = _ms(group.get(eager_stock, {}).get("seconds"))
+            line.update({m: _cell(group[m]) if m in group else None for m in methods})
+            lines.append(line)
+        if not lines:
+            return ""
+        columns = ["setting", "tokens", "stock ms", *(["eager stock ms"] if mode == "compiled" else []), *methods]
+        return markdown_table(lines, columns, {"stock ms": ".1f", "eager stock ms": ".1f"})
+
+    def details_table(self, mode: str) -> str:
         rows = []
-        for row in self.payload["eager"]:
-            rows.append(
-                {
-                    "setting": row["setting"],
-                    "method": row["method"],
-                    "min ms": _ms(row.get("min_seconds")),
-                    "median ms": _ms(row.get("seconds")),
-                    "max ms": _ms(row.get("max_seconds")),
-                    "peak MiB": row.get("peak_mib"),
-                    "activations MiB": row.get("activation_mib"),
-                    "error": row.get("error"),
-                    "failed": row.get("failed"),
-                }
-            )
-        columns = ["setting", "method", "min ms", "median ms", "max ms", "peak MiB", "activations MiB", "error"]
-        if any(r["failed"] for r in rows):
+        for r in self.rows:
+            if r["mode"] != mode:
+                continue
+            low, high = _ms(r.get("min_seconds")), _ms(r.get("max_seconds"))
+            rows.append({
+                **r,
+                "median ms": _ms(r.get("seconds")),
+                "min-max ms": None if low is None else f"{low:.1f}-{high:.1f}",
+                "vs eager stock": r.get("vs_eager_stock"),
+                "kernels": self.kernels_of(r),
+                "peak MiB": r.get("peak_mib"),
+                "compile s": r.get("compile_s"),
+            })
+        if not rows:
+            return ""
+        columns = ["setting", "method", "median ms", "min-max ms", "speedup", "error", "kernels"]
+        columns += ["vs eager stock", "compile s"] if mode == "compiled" else ([] if mode == "graphs" else ["peak MiB"])
+        if any(r.get("failed") for r in rows):
             columns.append("failed")
-        formats = {"min ms": ".1f", "median ms": ".1f", "max ms": ".1f", "error": ".4f"}
-        formats.update({"peak MiB": ".0f", "activations MiB": ".0f"})
-        return markdown_table(rows, columns, formats) if rows else ""
+        formats = {"median ms": ".1f", "speedup": ".2f", "error": ".4f", "vs eager stock": ".2f"}
+        formats.update({"compile s": ".0f", "peak MiB": ".0f"})
+        return markdown_table(rows, columns, formats)
 
-    def operator_table(self) -> str:
-        columns = [
-            "N", "plan+merge ms", "plan+merge kernels", "M_kv",
-            "stock attn ms", "MaMe attn ms", "MaMe/stock", "MaMe merged", "kernels stock", "kernels MaMe",
-            "forced-merge attn ms", "kernels forced",
-            "triton plan+merge ms", "triton plan+merge kernels", "triton attn ms", "kernels triton attn",
-        ]
-        timed = ("plan+merge ms", "stock attn ms", "MaMe attn ms", "forced-merge attn ms", "triton plan+merge ms")
-        formats = {c: ".3f" for c in (*timed, "triton attn ms")}
-        formats["MaMe/stock"] = ".2f"
-        return markdown_table(self.payload["operator"], columns, formats) if self.payload["operator"] else ""
+    def threshold_table(self) -> str:
+        rows = []
+        for mode in MODES:
+            for method, found in self.payload["thresholds"].get(mode, {}).items():
+                if method == "fused default":
+                    continue
+                fused = self.payload["thresholds"][mode]["fused default"] == method
+                rows.append({
+                    "mode": mode,
+                    "method": method + (" (fused default)" if fused else ""),
+                    "from tokens": found["min_latent_tokens"],
+                    "first win": found["first_win"],
+                    "speed-ups": "; ".join(
+                        f"{label} ({t}) {x:.2f}x" for label, (t, x) in sorted(found["settings"].items(), key=_tokens)
+                    ),
+                })
+        if not rows:
+            return ""
+        return markdown_table(rows, ["mode", "method", "from tokens", "first win", "speed-ups"])
 
-    def profiler_table(self) -> str:
-        rows = [
-            {
-                "setting": r["setting"],
-                "method": r["method"],
-                "kernels": r.get("kernels"),
-                "GPU kernel ms": r.get("kernel_ms"),
-                "attention ms": r.get("attention_ms"),
-                "attention share": r.get("attention_share"),
-                "profiled wall ms": r.get("wall_ms"),
-                "failed": r.get("failed"),
-            }
-            for r in self.payload["profiler"]
-        ]
-        columns = ["setting", "method", "kernels", "GPU kernel ms", "attention ms", "attention share"]
-        columns.append("profiled wall ms")
-        if any(r["failed"] for r in rows):
-            columns.append("failed")
-        formats = {"GPU kernel ms": ".1f", "attention ms": ".1f", "attention share": ".1%", "profiled wall ms": ".1f"}
-        return markdown_table(rows, columns, formats) if rows else ""
-
-    def compiled_table(self) -> str:
-        columns = ["method", "mode", "compile s", "median ms", "min ms", "x vs eager stock", "x vs compiled stock"]
-        columns += ["error vs eager stock", "failed"]
-        rows = self.payload["compiled"]["rows"]
-        if not any(r.get("failed") for r in rows):
-            columns.remove("failed")
-        formats = {"compile s": ".1f", "median ms": ".1f", "min ms": ".1f", "error vs eager stock": ".4f"}
-        formats.update({"x vs eager stock": ".2f", "x vs compiled stock": ".2f"})
-        return markdown_table(rows, columns, formats) if rows else ""
+    def profiles_table(self) -> str:
+        columns = ["setting", "mode", "method", "kernels", "kernel_ms", "attention_share", "wall_ms"]
+        formats = {"kernel_ms": ".1f", "attention_share": ".1%", "wall_ms": ".1f"}
+        return markdown_table(self.payload["profiles"], columns, formats) if self.payload["profiles"] else ""
 
     def sections_table(self) -> str:
         formats = {"seconds": ".1f", "estimate s": ".0f", "started at s": ".0f"}
         columns = ["section", "status", "started at s", "seconds", "estimate s", "note"]
         return markdown_table(self.sections, columns, formats)
 
-    def header(self) -> str:
-        env = self.payload["environment"]
-        setup = self.payload["setup"]
-        packages = ("torch", "diffusers", "transformers", "tomesd")
-        versions = ", ".join(f"{p} {env.get(p) or 'not installed'}" for p in packages)
-        return "\n".join(
-            [
-                "# MaMe GPU benchmark",
-                "",
-                f"- device: {env['device']} ({setup['device']})",
-                f"- {versions}; dtype {env.get('dtype')}; CUDA {torch.version.cuda}",
-                f"- date: {setup['date']}; budget {setup['budget']:.0f} s; "
-                f"total {self.payload.get('seconds_total', 0):.0f} s",
-                f"- latents: {setup['latents']}; random weights from the shipped configs",
-                f"- MaMe defaults: {setup['mame_defaults']}",
-                f"- command: `{env.get('command')}`",
-            ]
+    def header(self) -> list[str]:
+        env, setup, tests = self.payload["environment"], self.payload["setup"], self.payload["kernel_tests"]
+        versions = ", ".join(
+            f"{p} {env.get(p) or 'not installed'}" for p in ("torch", "diffusers", "transformers", "tomesd", "triton")
         )
+        counts = ", ".join(f"{n} {k}" for k, n in tests.get("counts", {}).items())
+        failures = "; ".join(tests.get("failures", [])[:10])
+        lines = [
+            "# MaMe GPU benchmark",
+            "",
+            f"- card: {env['device']}; driver {env.get('driver') or '?'}; CUDA {env.get('cuda') or '-'}",
+            f"- {versions}; python {env.get('python')}; dtype {env.get('dtype')}",
+            f"- commit: {env.get('commit')}; source sha256 {env.get('source_sha256')}",
+            f"- date: {setup['date']}; budget {setup['budget']:.0f} s; "
+            f"total {self.payload.get('seconds_total', 0):.0f} s",
+            f"- kernel tests: {tests.get('status', 'not run')}" + (f" ({counts})" if counts else "")
+            + (f"; {failures}" if failures else ""),
+            f"- MaMe defaults: {setup['mame_defaults']}; shipped DEFAULT_MIN_LATENT_TOKENS {DEFAULT_MIN_LATENT_TOKENS}",
+            f"- latents: {setup['latents']}; random weights from the shipped configs",
+            f"- command: `{env.get('command')}`",
+        ]
+        return lines
 
     def markdown(self) -> str:
-        parts = [self.header(), "", "## Sections", "", self.sections_table()]
-        compiled = self.payload["compiled"]
-        blocks = [
-            ("## 1. Operator: plan + merge, and one self-attention (C = 320, 5 heads, batch 2, random tokens)",
-             "ms per call (median); kernels per call (one profiled call). `MaMe` is `MaMeProcessor()` with "
-             "its defaults (which may leave small attention unmerged on a GPU: `MaMe merged`); `forced-merge` "
-             "is the same with `min_latent_tokens=0`, `triton` with `backend=\"triton\"` too (the fused kernels). "
-             "M_kv: tokens keys and values merge to.",
-             self.operator_table()),
-            ("## 2. Eager UNet: speed-up over stock (relative error of the noise prediction vs stock)",
-             "One patched copy per method, called round by round; median of the timed rounds.", self.eager_summary()),
-            ("### Eager UNet: times and memory",
-             "peak MiB: one model's weights plus the peak above what was allocated before the call (the other copies "
-             "excluded); activations MiB: that peak alone.", self.eager_details()),
-            ("## 3. Profiler: one UNet forward",
-             "kernels: CUDA kernels launched by one forward (copies and memsets not counted); attention: kernels whose "
-             "names look like attention (flash, fmha, sdpa, attention, softmax...; names in gpu.json).",
-             self.profiler_table()),
-            ("## 4. CUDA graphs: each eager UNet call recorded once and replayed (speed-up over replayed stock, "
-             "error vs eager stock)",
-             "No launch overhead: the GPU time a pipeline gets with CUDA graphs. One recorded copy per method, "
-             "replayed round by round; median of the timed rounds.", self.eager_summary("graphs")),
-            (f"## 5. torch.compile ({compiled.get('setting') or 'SD 2.1 768 b2'})",
-             "compile s: the first call, compiling and running (reduce-overhead: the first three, which record "
-             "the CUDA graphs). Speed-ups against eager and compiled stock timed in the same rounds.",
-             self.compiled_table()),
-        ]
-        for title, caption, table in blocks:
-            if table:
-                parts += ["", title, "", caption, "", table]
-        checks = [f"- {k}: {v}" for k, v in compiled.get("checks", {}).items()]
-        if checks:
-            parts += ["", "### Compiled checks", "", *checks]
+        parts = [*self.header(), "", "## Sections", "", self.sections_table()]
+        if self.threshold_table():
+            parts += [
+                "", "## Where MaMe beats stock (for DEFAULT_MIN_LATENT_TOKENS)", "",
+                "from tokens: the smallest latent-token count (batch x latent h x w) from which the method beats "
+                "stock at every measured size of the mode; first win: the smallest at which it beats stock at all; "
+                "speed-ups: setting (latent tokens) speed-up over stock. "
+                f"Suggested: {self.payload['thresholds']['suggested DEFAULT_MIN_LATENT_TOKENS']}.",
+                "", self.threshold_table(),
+            ]
+        captions = {
+            "eager": "## Eager: speed-up over eager stock (error vs eager stock)",
+            "graphs": "## CUDA graphs: each call recorded once and replayed (speed-up over replayed stock, error vs "
+            "eager stock)",
+            "compiled": "## torch.compile, default mode (speed-up over compiled stock, error vs eager stock)",
+        }
+        for mode in MODES:
+            if self.summary_table(mode):
+                parts += ["", captions[mode], "", self.summary_table(mode), "", self.details_table(mode)]
+        if self.profiles_table():
+            parts += [
+                "", "## Profiled forwards", "",
+                "kernels: CUDA kernels one forward launches (copies and memsets not counted; off CUDA, top-level "
+                "aten operations); attention_share: of the kernels' GPU time, those named like attention. The "
+                "heaviest kernels are in gpu.json.", "", self.profiles_table(),
+            ]
         if self.payload["notes"]:
             parts += ["", "## Notes", "", *[f"- {n}" for n in dict.fromkeys(self.payload["notes"])]]
         return "\n".join(parts)
 
     def stdout_summary(self) -> str:
-        """The main tables, compactly, for the end of the log."""
-        parts = [self.header(), "", self.sections_table()]
-        for title, table in (
-            ("operator", self.operator_table()),
-            ("eager UNet: speed-up (error)", self.eager_summary()),
-            ("CUDA graphs: speed-up (error)", self.eager_summary("graphs")),
-            ("profiler", self.profiler_table()),
-            ("compiled", self.compiled_table()),
-        ):
-            if table:
-                parts += ["", f"## {title}", table]
-        checks = [f"- {k}: {v}" for k, v in self.payload["compiled"].get("checks", {}).items()]
-        notes = [f"- {n}" for n in dict.fromkeys(self.payload["notes"])]
-        return "\n".join(parts + ([""] + checks if checks else []) + ([""] + notes if notes else []))
-
-    def _eager_groups(self, key: str = "eager") -> dict[str, dict[str, dict[str, Any]]]:
-        groups: dict[str, dict[str, dict[str, Any]]] = {}
-        for row in self.payload[key]:
-            groups.setdefault(row["setting"], {})[row["method"]] = row
-        return groups
-
-    def _eager_methods(self, key: str = "eager") -> list[str]:
-        names = [row["method"] for row in self.payload[key] if row["method"] != STOCK]
-        return list(dict.fromkeys(names))
-
-
-def _speedup_cell(row: dict[str, Any]) -> str:
-    """``1.42x (0.0213)``: speed-up over stock, and the error against stock."""
-    error = "?" if row.get("error") is None else f"{row['error']:.4f}"
-    return f"{row['speedup']:.2f}x ({error})"
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else 1e3 * seconds
-
-
-def _describe(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+        parts = [*self.header(), "", self.sections_table()]
+        for mode in MODES:
+            if self.summary_table(mode):
+                parts += ["", f"## {mode}: speed-up (error)", self.summary_table(mode)]
+        parts += ["", "## The smallest latent-token count (batch x h x w) from which MaMe beats stock"]
+        thresholds = self.payload["thresholds"]
+        for mode in MODES:
+            if mode not in thresholds:
+                parts.append(f"- {mode}: not measured")
+            for method in (TRITON, TORCH):
+                found = thresholds.get(mode, {}).get(method)
+                if found:
+                    fused = " (the fused default)" if thresholds[mode]["fused default"] == method else ""
+                    parts.append(f"- {mode}, {method}{fused}: {found['min_latent_tokens']}; {found['verdict']}")
+        parts.append(
+            f"- suggested DEFAULT_MIN_LATENT_TOKENS (defaults.py): {thresholds['suggested DEFAULT_MIN_LATENT_TOKENS']}"
+            f" (shipped: {DEFAULT_MIN_LATENT_TOKENS}; None: the fused default beat stock at no size up to the largest)"
+        )
+        return "\n".join(parts + [""] + [f"- {n}" for n in dict.fromkeys(self.payload["notes"])])
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -493,47 +551,47 @@ class Benchmark:
         self.args = args
         self.started = started
         self.device = torch.device(args.device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.on_cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.on_cuda else torch.float32
         self.quick = args.quick
         self.budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
-        self.variants = args.mame_variant
-        label = ", ".join(f"{k}={v}" for k, v in args.compile_mame.items())
-        #: The MaMe method of the compiled sections: the defaults, or --compile-mame's settings.
-        self.compiled_mame = f"MaMe {label}" if label else MAME_DEFAULTS
-        self._pool: tuple[str, dict[str, torch.nn.Module], dict[str, str]] | None = None
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        #: Per model: its patched copies (one per method) and the methods whose patch failed.
+        self.pools: dict[str, tuple[dict[str, torch.nn.Module], dict[str, str]]] = {}
+        self.pool_users: Counter = Counter()
+        self._inputs: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self._compiled: dict[str, torch.nn.Module] = {}  # name -> compiled copy (compiled_setting's model)
+        self._profiled: set[str] = set()
         self._latents_kind: set[str] = set()
-        self._compile: dict[str, Any] = {}
         env = environment(self.device, self.dtype)
-        env["tomesd"] = package_version("tomesd")
-        config = MaMeConfig()
-        self.report = Report(
-            Path(args.out),
-            {
-                "_started": started,
-                "environment": env,
-                "setup": {
-                    "device": str(self.device),
-                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "budget": self.budget,
-                    "quick": self.quick,
-                    "latents": "not yet drawn",
-                    "mame_defaults": repr(config),
-                    "mame_kv_ratio": config.kv_ratio,
-                    "mame_variants": self.variants,
-                    "compile_backend": args.compile_backend,
-                },
-                "operator": [],
-                "eager": [],
-                "profiler": [],
-                "graphs": [],
-                "compiled": {"setting": None, "rows": [], "checks": {}},
-                "notes": [],
+        env.update(triton=package_version("triton"), cuda=torch.version.cuda, **_provenance(self.on_cuda))
+        self.report = Report(self.out, {
+            "_started": started,
+            "environment": env,
+            "setup": {
+                "device": str(self.device),
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "budget": self.budget,
+                "quick": self.quick,
+                "latents": "not yet drawn",
+                "mame_defaults": repr(MaMeConfig()),
+                "mame_variants": args.mame_variant,
+                "compile_backend": args.compile_backend,
             },
-        )
-        if self.device.type != "cuda":
-            self.note("not on CUDA: no memory figures, and the profiler's 'kernels' count the outermost aten ops")
+            "kernel_tests": {},
+            "rows": [],  # one per (mode, setting, method)
+            "profiles": [],  # one profiled forward per (model, method), and per compiled model
+            "kernels": {},  # model -> method -> kernels per forward
+            "notes": [],
+        })
+        if not self.on_cuda:
+            self.note("not on CUDA: the graph sections call the models eagerly, the profiles count aten operations "
+                      "(a check of the script only)")
+        self.note("tomesd runs with max_downsample=2 (its default merges nothing on SDXL); in graphs with "
+                  "use_rand=False (a graph cannot record its own generator's draws)")
 
-    # Time.
+    # Time and housekeeping.
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -550,512 +608,355 @@ class Benchmark:
 
     def free(self) -> None:
         gc.collect()
-        if self.device.type == "cuda":
+        if self.on_cuda:
             torch.cuda.empty_cache()
 
-    # Inputs and models.
+    # Models and inputs.
 
-    def latents(self, hw: tuple[int, int], batch: int) -> torch.Tensor:
-        """Photo latents when scikit-image is importable (merging sees real image statistics),
-        else seeded noise (the same cost)."""
+    def triton(self) -> bool:
+        allowed, why = triton_allowed(self.on_cuda, self.report.payload["kernel_tests"])
+        if why:
+            self.note(f"MaMe triton: {why}" + ("" if allowed else "; no triton rows"))
+        return allowed
+
+    def pool(self, model: str) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+        """One patched copy per method of ``model``'s architecture, built once and kept for
+        every section that uses it."""
+        if model not in self.pools:
+            self.free()
+            base = build_unet(model, dtype=self.dtype, device=self.device)
+            methods = all_methods(triton=self.triton(), variants=self.args.mame_variant)
+            self.pools[model] = patched_copies(base, methods)
+            del base
+        return self.pools[model]
+
+    def inputs(self, setting: Setting, model: torch.nn.Module) -> dict[str, Any]:
+        """The UNet call's inputs, with photo latents where scikit-image is importable (merging
+        then sees real image statistics), else seeded noise (the same cost)."""
+        key = (setting.model, setting.resolution, setting.batch)
+        if key not in self._inputs:
+            self._inputs.clear()  # one size at a time: eager, then graphs
+            try:
+                from mame_diffusers.benchmarking.photos import photo_latent_batch
+
+                latents = photo_latent_batch(setting.latent_hw, setting.batch)
+                self._latents_kind.add("photo (scikit-image photographs, fixed projection)")
+            except ImportError:
+                latents = torch.randn(setting.batch, 4, *setting.latent_hw, generator=torch.Generator().manual_seed(0))
+                self._latents_kind.add("seeded noise (scikit-image not importable)")
+            self.report.payload["setup"]["latents"] = " and ".join(sorted(self._latents_kind))
+            self._inputs[key] = unet_inputs(model, setting.latent_hw, latents=latents)
+        return self._inputs[key]
+
+    def profile(self, label: str, mode: str, model_key: str, method: str, call: Callable[[], object]) -> None:
+        """One profiled forward: kernels per forward (kept for the tables), attention's share."""
+        entry: dict[str, Any] = {"setting": label, "mode": mode, "method": method}
         try:
-            from mame_diffusers.benchmarking.photos import photo_latent_batch
-
-            latents = photo_latent_batch(hw, batch)
-            self._latents_kind.add("photo (scikit-image photographs, fixed projection)")
-        except ImportError:
-            generator = torch.Generator().manual_seed(0)
-            latents = torch.randn(batch, 4, *hw, generator=generator)
-            self._latents_kind.add("seeded noise (scikit-image not importable)")
-        self.report.payload["setup"]["latents"] = " and ".join(sorted(self._latents_kind))
-        return latents
-
-    def build(self, name: str) -> torch.nn.Module:
-        return build_unet(name, dtype=self.dtype, device=self.device)
-
-    def copies(self, setting: UNetSetting) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-        """One patched copy per method of ``setting.model``'s architecture, kept for every
-        section of that architecture (built and patched once, not once per resolution)."""
-        if self._pool is not None and self._pool[0] == setting.model:
-            return self._pool[1], self._pool[2]
-        self._pool = None
-        self.free()
-        methods, notes = unet_methods(self.variants, setting.sdxl)
-        for text in notes:
-            self.note(text)
-        base = self.build(setting.model)
-        models, errors = patched_copies(base, methods)
-        del base
-        self._pool = (setting.model, models, errors)
-        return models, errors
-
-    def release_copies(self) -> None:
-        self._pool = None
-        self.free()
+            entry.update(profile_call(call, self.device))
+        except Exception as error:  # the timings stand without it
+            entry["failed"] = _describe(error)
+        self.report.payload["profiles"].append(entry)
+        if entry.get("kernels") is not None:
+            self.report.payload["kernels"].setdefault(model_key, {})[method] = entry["kernels"]
 
     # Sections.
 
-    def plan(self) -> list[tuple[str, float, Callable[[], None]]]:
-        """``(name, estimated seconds, run)`` of every section, in order."""
-        quick = self.quick
-        n_methods = len(unet_methods(self.variants, False)[0])
-        sections: list[tuple[str, float, Callable[[], None]]] = [("operator", 25 if quick else 15, self.operator)]
-        previous = None
-        for setting in eager_settings(quick):
-            calls = (setting.warmup + setting.repeats) * n_methods
-            # Building the architecture and its copies (the first section of each model
-            # pays it); the profiled forwards (slow ones: profiling adds a lot per kernel).
-            build = (5 if quick else (20 if setting.sdxl else 10)) if setting.model != previous else 2
-            profiled = 3 if triton_runs() else 2  # stock, MaMe defaults, MaMe triton
-            profile = (1.5 if quick else 3) * profiled if setting.profile else 0
-            estimate = build + calls * setting.per_call + profile
-            sections.append((f"eager {setting.label}", estimate, lambda s=setting: self.eager(s)))
-            previous = setting.model
-        # torch.compile: minutes, for one model. MaMe first: a compiled MaMe alone, against
-        # eager stock, says more than a compiled stock alone.
-        # On a CPU (--quick), inductor takes minutes even for the tiny UNet; other backends
-        # (aot_eager, to check this script) take seconds.
-        if not quick:
-            compile_estimates = {"mame": 130, "stock": 75, "operator": 40, "ratio": 120, "ro": 180}
-        elif self.args.compile_backend == "inductor":
-            compile_estimates = {"mame": 200, "stock": 150, "operator": 60, "ratio": 200, "ro": 300}
-        else:
-            compile_estimates = {"mame": 20, "stock": 15, "operator": 5, "ratio": 15, "ro": 20}
-        previous = None
-        for setting in graph_settings(quick):
-            calls = (setting.warmup + setting.repeats + 3) * len(graph_methods(self.variants, setting.sdxl)[0])
-            build = (5 if quick else (25 if setting.sdxl else 12))
-            estimate = build + calls * setting.per_call
-            sections.append((f"graphs {setting.label}", estimate, lambda s=setting: self.graphs(s)))
-        sections += [
-            ("compiled MaMe", compile_estimates["mame"], lambda: self.compiled(self.compiled_mame)),
-            ("compiled stock", compile_estimates["stock"], lambda: self.compiled(STOCK)),
-            ("operator compiled", compile_estimates["operator"], self.operator_compiled),
-            ("compiled ratio change", compile_estimates["ratio"], self.ratio_change),
-            ("compiled reduce-overhead", compile_estimates["ro"], self.reduce_overhead),
-        ]
+    def plan(self) -> list[Section]:
+        """Every section, in order; extend here (e.g. diffusion transformers)."""
+        return [*self.test_sections(), *self.unet_sections(unet_settings(self.quick)), *self.compiled_sections()]
+
+    def test_sections(self) -> list[Section]:
+        return [Section("kernel tests", KERNEL_TESTS_ESTIMATE if self.on_cuda else 2, self.kernel_tests)]
+
+    def unet_sections(self, settings: list[Setting]) -> list[Section]:
+        copies = all_methods(triton=kernels.available() and self.on_cuda, variants=self.args.mame_variant)
+        methods = len(mode_methods("eager", [m.name for m in copies]))  # graphs time as many
+        profile_s = 0.5 if self.quick else 1.5  # one profiled forward
+        sections, seen = [], set()
+        for s in settings:
+            first = s.model not in seen
+            seen.add(s.model)
+            setup = 0.0
+            if first:  # building the copies (H200 runs 1-2: 5-10 s), profiling each method once,
+                # triton's JIT compiling the kernels for the model's shapes
+                setup = (3 if self.quick else 10 if s.sdxl else 6) + methods * profile_s
+                setup += 15 if self.on_cuda and kernels.available() else 0
+            eager = setup + 2 + (s.warmup + s.repeats) * methods * s.per_call
+            # Graphs: two warm-up calls and the recorded one per method (none off CUDA), eager
+            # stock as the reference, then rounds of replays.
+            recording = (3 * methods * s.per_call + 0.3 * methods) if self.on_cuda else 0.0
+            graphs = 2 + recording + s.per_call + (s.warmup + s.graph_repeats) * methods * s.replay
+            sections.append(Section(f"eager {s.label}", eager, lambda s=s: self.timing(s, "eager"), s.model))
+            sections.append(Section(f"graphs {s.label}", graphs, lambda s=s: self.timing(s, "graphs"), s.model))
         return sections
+
+    def compiled_sections(self) -> list[Section]:
+        setting = compiled_setting(self.quick)
+        if not self.quick:
+            estimates = (90.0, 65.0, 100.0)  # H200 run 2: stock 56 s
+        elif self.args.compile_backend == "inductor":  # minutes on a CPU even for the tiny UNet
+            estimates = (300.0, 200.0, 300.0)
+        else:
+            estimates = (40.0, 20.0, 40.0)
+        # The fused default first (MaMe triton where its copy exists, else MaMe torch): compiled,
+        # against eager stock alone, it says the most.
+        runs = (lambda: self.compiled(setting, self.fused(setting)), lambda: self.compiled(setting, STOCK),
+                lambda: self.compiled(setting, TORCH))
+        names = ("compiled fused default", f"compiled {STOCK}", f"compiled {TORCH}")
+        return [Section(n, e, r, setting.model) for n, e, r in zip(names, estimates, runs)]
+
+    def fused(self, setting: Setting) -> str:
+        return TRITON if TRITON in self.pool(setting.model)[0] else TORCH
 
     def run(self) -> bool:
         """Run every section that the selection and the budget allow; ``True`` when the alarm
         stopped the run."""
         selected = [s.strip() for s in self.args.only.split(",")] if self.args.only else None
         plan = self.plan()
+        self.pool_users = Counter(s.model for s in plan if s.model)
         stopped = False
-        for name, estimate, run in plan:
-            entry: dict[str, Any] = {"section": name, "estimate s": estimate}
+        for section in plan:
+            entry: dict[str, Any] = {"section": section.name, "estimate s": section.estimate}
             self.report.sections.append(entry)
-            if selected is not None and not any(s and s in name for s in selected):
-                entry.update(status="not selected", note="--only")
-                continue
-            if stopped:
-                entry.update(status="skipped", note="the alarm stopped the run")
-                continue
-            if self.remaining() < estimate:
-                note = f"budget: {max(self.remaining(), 0):.0f} s left, needs ~{estimate:.0f} s"
-                entry.update(status="skipped", note=note)
-                self.log(f"skip {name}: {entry['note']}")
-                continue
-            entry["started at s"] = self.elapsed()
-            self.log(f"{name} (estimate {estimate:.0f} s)")
-            start = time.perf_counter()
             try:
-                run()
-                entry["status"] = "ok"
-            except SectionSkipped as reason:
-                entry.update(status="skipped", note=str(reason))
-                self.log(f"skip {name}: {reason}")
-            except BudgetExceeded:
-                entry.update(status="stopped", note="the time budget ran out while it ran")
-                stopped = True
-                self._pool = None
-                self._compile = {}
-            except Exception as error:  # recorded; the next section still runs
-                entry.update(status="error", note=_describe(error), traceback=traceback.format_exc(limit=-12))
-                self.log(f"{name} failed: {_describe(error)}")
-            entry["seconds"] = time.perf_counter() - start
-            self.free()
-            self.report.write()
-        self.release_copies()
-        self._compile = {}
+                if selected is not None and not any(s and s in section.name for s in selected):
+                    entry.update(status="not selected", note="--only")
+                elif stopped:
+                    entry.update(status="skipped", note="the alarm stopped the run")
+                elif self.remaining() < section.estimate:
+                    entry.update(status="skipped", note=f"budget: {max(self.remaining(), 0):.0f} s left, "
+                                 f"needs ~{section.estimate:.0f} s")
+                    self.log(f"skip {section.name}: {entry['note']}")
+                else:
+                    stopped = self.run_section(section, entry)
+            finally:
+                self.release(section.model)
         self.report.write()
         return stopped
 
-    # 1. The operator.
+    def run_section(self, section: Section, entry: dict[str, Any]) -> bool:
+        entry["started at s"] = self.elapsed()
+        self.log(f"{section.name} (estimate {section.estimate:.0f} s)")
+        start, stopped = time.perf_counter(), False
+        try:
+            note = section.run()
+            entry.update(status="ok", **({"note": note} if note else {}))
+        except SectionSkipped as reason:
+            entry.update(status="skipped", note=str(reason))
+            self.log(f"skip {section.name}: {reason}")
+        except BudgetExceeded:
+            entry.update(status="stopped", note="the time budget ran out while it ran")
+            stopped = True
+        except Exception as error:  # recorded; the next section still runs
+            entry.update(status="error", note=_describe(error), traceback=traceback.format_exc(limit=-12))
+            self.log(f"{section.name} failed: {_describe(error)}")
+        entry["seconds"] = time.perf_counter() - start
+        self.free()
+        self.report.write()
+        return stopped
 
-    def operator(self) -> None:
-        sizes = (256, 576, 1024) if self.quick else (4096, 9216, 16384)
-        calls, samples = (3, 3) if self.quick else (20, 7)
-        config = MaMeConfig()
-        ratio = config.kv_ratio
-        # The first profiling session of a process sets the profiler up (CUPTI on CUDA):
-        # let that happen on a throwaway call, not on the first one measured.
-        profile_call(lambda: torch.ones(8, device=self.device).add_(1), self.device)
-        torch.manual_seed(0)
-        stock_attn = _self_attention().to(self.device, self.dtype)
-        for tokens in sizes:
-            side = math.isqrt(tokens)
-            hw = (side, side)
-            x = torch.randn(2, tokens, 320, device=self.device, dtype=self.dtype)
-            row: dict[str, Any] = {"N": tokens, "grid": f"{side}x{side}"}
+    def release(self, model: str | None) -> None:
+        """Drop ``model``'s copies (and compiled wrappers) after the last section that uses it."""
+        if model is None:
+            return
+        self.pool_users[model] -= 1
+        if self.pool_users[model] <= 0 and model in self.pools:
+            del self.pools[model]
+            if model == compiled_setting(self.quick).model:
+                self._compiled.clear()
+            self.free()
 
-            def merge(x: torch.Tensor = x, hw: tuple[int, int] = hw) -> torch.Tensor:
-                return plan_merge(x, hw, ratio=ratio).merge(x)
+    # 1. The kernels' tests.
 
-            with torch.inference_mode():
-                row["M_kv"] = int(merge().shape[1])
-            row["plan+merge ms"] = self.per_call_ms(merge, calls, samples)
-            row["plan+merge kernels"] = profile_call(merge, self.device)["kernels"]
-
-            # Stock vs MaMeProcessor() on copies of one attention module (fresh processors
-            # per N: within one forward a bare processor takes the largest N for level 1).
-            attns = {"stock": stock_attn}
-            mame_attn = _self_attention().to(self.device, self.dtype)
-            mame_attn.load_state_dict(stock_attn.state_dict())
-            mame_attn.set_processor(MaMeProcessor())
-            attns["MaMe"] = mame_attn
-            try:
-                forced = _self_attention().to(self.device, self.dtype)
-                forced.load_state_dict(stock_attn.state_dict())
-                forced.set_processor(MaMeProcessor(config=MaMeConfig(min_latent_tokens=0)))
-                attns["forced"] = forced
-            except TypeError as error:  # no min_latent_tokens setting in this version
-                row["forced-merge attn ms"] = None
-                self.note(f"operator: no forced-merge column ({_describe(error)})")
-            if triton_runs():
-                layout = merge_layout(hw, ratio)
-
-                def triton_merge(x: torch.Tensor = x, layout=layout) -> torch.Tensor:
-                    return kernels.plan_slots(x, layout, tau=0.0).merge(x)
-
-                with torch.inference_mode():
-                    torch.testing.assert_close(triton_merge(), merge(), rtol=2e-3, atol=2e-3)
-                row["triton plan+merge ms"] = self.per_call_ms(triton_merge, calls, samples)
-                row["triton plan+merge kernels"] = profile_call(triton_merge, self.device)["kernels"]
-                fused = _self_attention().to(self.device, self.dtype)
-                fused.load_state_dict(stock_attn.state_dict())
-                fused.set_processor(MaMeProcessor(config=MaMeConfig(min_latent_tokens=0, backend="triton")))
-                attns["triton"] = fused
-            else:
-                self.note("operator: no triton columns (triton is not importable, or no GPU)")
-            times = self.interleaved_ms({k: (lambda a=a, x=x: a(x)) for k, a in attns.items()}, calls, samples)
-            with torch.inference_mode():
-                outputs = {k: a(x) for k, a in attns.items()}
-            row["stock attn ms"] = times["stock"]
-            row["MaMe attn ms"] = times["MaMe"]
-            row["MaMe/stock"] = times["MaMe"] / times["stock"]
-            row["MaMe merged"] = not torch.equal(outputs["MaMe"], outputs["stock"])
-            row["kernels stock"] = profile_call(lambda: stock_attn(x), self.device)["kernels"]
-            row["kernels MaMe"] = profile_call(lambda: mame_attn(x), self.device)["kernels"]
-            if "forced" in attns:
-                row["forced-merge attn ms"] = times["forced"]
-                row["kernels forced"] = profile_call(lambda: attns["forced"](x), self.device)["kernels"]
-            if "triton" in attns:
-                row["triton attn ms"] = times["triton"]
-                row["kernels triton attn"] = profile_call(lambda: attns["triton"](x), self.device)["kernels"]
-            self.report.payload["operator"].append(row)
-            self.log(
-                f"  N={tokens}: plan+merge {row['plan+merge ms']:.3f} ms ({row['plan+merge kernels']} kernels); "
-                f"attention stock {row['stock attn ms']:.3f} ms, MaMe {row['MaMe attn ms']:.3f} ms"
+    def kernel_tests(self) -> str:
+        """``pytest tests/test_kernels.py`` on CUDA, compiled kernels (not the interpreter);
+        its output in ``OUT/kernel_tests.txt``, its outcome in the report."""
+        path = self.args.kernel_tests
+        if path == "none":
+            raise SectionSkipped("--kernel-tests none")
+        if not self.on_cuda and path == KERNEL_TESTS:
+            raise SectionSkipped("on CUDA only (elsewhere they run in Triton's interpreter, with the test suite)")
+        if not kernels.available():
+            raise SectionSkipped("triton is not importable")
+        result = self.report.payload["kernel_tests"]
+        command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", path]
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        timeout = max(1.0, min(self.args.kernel_tests_timeout, self.remaining()))
+        result.update(command=" ".join(command[1:]), status="running", timeout_s=timeout)
+        log = self.out / "kernel_tests.txt"
+        start = time.perf_counter()
+        with open(log, "w") as sink:
+            # A process group of its own, so that stopping it stops the subprocesses its tests start.
+            process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=os.setpgrp
             )
+            try:
+                code = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            except BudgetExceeded:
+                result["status"] = "stopped by the time budget"
+                raise
+            finally:  # the alarm, or the timeout: the tests stop with the section
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+        result.update(parse_pytest(log.read_text(errors="replace")), returncode=code)
+        result["seconds"] = time.perf_counter() - start
+        if code is None:
+            result["status"] = f"timed out after {timeout:.0f} s"
+        else:
+            result["status"] = "passed" if code == 0 and result["counts"].get("passed") else "failed"
+        self.log(f"  kernel tests {result['status']} ({result.get('summary') or 'no summary'}) "
+                 f"in {result['seconds']:.0f} s; output in {log.name}")
+        for line in result["failures"]:
+            self.log(f"    {line}")
+        return f"{result['status']}: {result.get('summary') or 'no summary'}"
 
-    def per_call_ms(self, fn: Callable[[], object], calls: int, samples: int) -> float:
-        return self.interleaved_ms({"fn": fn}, calls, samples)["fn"]
+    # 2. Eager and CUDA graphs.
 
-    def interleaved_ms(self, fns: dict[str, Callable[[], object]], calls: int, samples: int) -> dict[str, float]:
-        """Median over ``samples`` of the mean ms per call of ``calls`` back-to-back calls
-        (a loop, so that launch-bound calls are timed as a model runs them), the functions
-        taking turns sample by sample."""
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        with torch.inference_mode():
-            for fn in fns.values():  # warm-up
-                fn()
-            for _ in range(samples):
-                for name, fn in fns.items():
-                    synchronize(self.device)
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    synchronize(self.device)
-                    times[name].append(1e3 * (time.perf_counter() - start) / calls)
-        return {k: statistics.median(v) for k, v in times.items()}
-
-    # 2. Eager UNets (and the profiler).
-
-    def eager(self, setting: UNetSetting) -> None:
-        models, patch_errors = self.copies(setting)
-        hw = (setting.resolution // 8, setting.resolution // 8)
-        inputs = unet_inputs(next(iter(models.values())), hw, latents=self.latents(hw, setting.batch))
-        rows = compare_unet_copies(models, inputs, repeats=setting.repeats, warmup=setting.warmup)
-        rows += [{"method": name, "failed": message} for name, message in patch_errors.items()]
-        for row in rows:
-            row.update(setting=setting.label, model=setting.model, resolution=setting.resolution, batch=setting.batch)
-        self.report.payload["eager"].extend(rows)
-        by_name = {r["method"]: r for r in rows}
-        summary = [f"stock {_ms(by_name[STOCK].get('seconds')) or float('nan'):.1f} ms"] if STOCK in by_name else []
-        for row in rows[1:]:
-            if row.get("speedup") is not None:
-                summary.append(f"{row['method']} {_speedup_cell(row)}")
-            else:
-                summary.append(f"{row['method']} failed")
-        self.log("  " + " | ".join(summary))
-        if setting.profile:
-            self.report.write()  # the timings are safe before the slower profiled calls
-            for name in (STOCK, MAME_DEFAULTS, MAME_TRITON):
+    def timing(self, setting: Setting, mode: str) -> None:
+        """Each method's copy at ``setting``, round by round: called eagerly, or recorded
+        into a CUDA graph and replayed."""
+        models, patch_errors = self.pool(setting.model)
+        names = mode_methods(mode, [*models, *patch_errors])
+        inputs = self.inputs(setting, models[STOCK])
+        errors = {n: patch_errors[n] for n in names if n in patch_errors}
+        if mode == "eager":
+            rows = compare_unet_copies(
+                {n: models[n] for n in names if n in models}, inputs, repeats=setting.repeats, warmup=setting.warmup
+            )
+        else:
+            with torch.inference_mode():
+                reference = call_like_a_pipeline(models[STOCK], inputs).float()
+            graphed = {}
+            for name in names:
                 if name not in models:
                     continue
-                entry: dict[str, Any] = {"setting": setting.label, "method": name}
                 try:
-                    entry.update(profile_call(lambda m=models[name]: call_like_a_pipeline(m, inputs), self.device))
-                except Exception as error:  # the timings above stand without it
-                    entry["failed"] = _describe(error)
-                self.report.payload["profiler"].append(entry)
-                share = entry.get("attention_share")
-                share = "?" if share is None else f"{share:.1%}"
-                self.log(f"  profiled {name}: {entry.get('kernels')} kernels, attention {share} of kernel time")
-
-    # 4. CUDA graphs.
-
-    def graphs(self, setting: UNetSetting) -> None:
-        """Each method's patched copy recorded into a CUDA graph at ``setting`` and replayed
-        round by round; errors against eager stock."""
-        self.release_copies()
-        methods, notes = graph_methods(self.variants, setting.sdxl)
-        for text in notes:
-            self.note(text)
-        if self.device.type != "cuda":
-            self.note("not on CUDA: the CUDA-graph sections call the models eagerly (a check of the script only)")
-        base = self.build(setting.model)
-        models, patch_errors = patched_copies(base, methods)
-        del base
-        hw = (setting.resolution // 8, setting.resolution // 8)
-        inputs = unet_inputs(next(iter(models.values())), hw, latents=self.latents(hw, setting.batch))
-        with torch.inference_mode():
-            reference = call_like_a_pipeline(models[STOCK], inputs).float()
-        graphed: dict[str, torch.nn.Module] = {}
-        for name, model in models.items():
-            try:
-                graphed[name] = GraphedUNet(model, inputs)
-            except Exception as error:  # recorded in the table; the others still run
-                patch_errors[name] = f"recording: {_describe(error)}"
-                self.free()
-        rows = compare_unet_copies(
-            graphed, inputs, repeats=setting.repeats, warmup=setting.warmup,
-            call=lambda model, _: model(), reference=reference,
-        )
-        rows += [{"method": name, "failed": message} for name, message in patch_errors.items()]
+                    graphed[name] = GraphedUNet(models[name], inputs)
+                except Exception as error:  # recorded in the table; the others still run
+                    errors[name] = f"recording: {_describe(error)}"
+                    self.free()
+            rows = compare_unet_copies(
+                graphed, inputs, repeats=setting.graph_repeats, warmup=setting.warmup,
+                call=lambda model, _: model(), reference=reference,
+            )
+            del graphed
+            for row in rows:  # replays allocate nothing
+                for key in ("activation_mib", "peak_mib", "max_allocated_mib"):
+                    row.pop(key, None)
+        rows += [{"method": name, "failed": message} for name, message in errors.items()]
+        graph = mode == "graphs" and self.on_cuda
+        threshold = DEFAULT_MIN_LATENT_TOKENS.get("cuda-graph" if graph else self.device.type, 0)
         for row in rows:
-            row.update(setting=setting.label, model=setting.model, resolution=setting.resolution, batch=setting.batch)
-            for key in ("activation_mib", "peak_mib", "max_allocated_mib"):  # replays allocate nothing
-                row.pop(key, None)
-        self.report.payload["graphs"].extend(rows)
-        by_name = {r["method"]: r for r in rows}
-        summary = [f"stock {_ms(by_name[STOCK].get('seconds')) or float('nan'):.1f} ms"] if STOCK in by_name else []
-        summary += [
-            f"{r['method']} {_speedup_cell(r) if r.get('speedup') is not None else 'failed'}" for r in rows[1:]
-        ]
-        self.log("  " + " | ".join(summary))
-        del graphed, models
+            row.update(mode=mode, setting=setting.label, model=setting.model, resolution=setting.resolution,
+                       batch=setting.batch, latent_tokens=setting.latent_tokens)
+            if row["method"] == DEFAULTS:
+                row["merged"] = setting.latent_tokens >= threshold
+        self.report.rows.extend(rows)
+        stock_ms = next((_ms(r.get("seconds")) for r in rows if r["method"] == STOCK), None) or float("nan")
+        self.log(f"  stock {stock_ms:.1f} ms | " + " | ".join(f"{r['method']} {_cell(r)}" for r in rows[1:]))
+        if mode == "eager" and setting.model not in self._profiled:
+            self._profiled.add(setting.model)
+            self.report.write()  # the timings are safe before the profiles
+            for name in names:
+                if name in models and name != DEFAULTS:  # it launches stock's or MaMe torch's kernels
+                    self.profile(setting.label, mode, setting.model, name,
+                                 lambda m=models[name]: call_like_a_pipeline(m, inputs))
+            counts = self.report.payload["kernels"].get(setting.model, {})
+            self.log("  kernels per forward: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    # 5. torch.compile.
+    # 3. torch.compile.
 
-    def compile_state(self) -> dict[str, Any]:
-        """SD 2.1 at 768, batch 2: a stock copy and a MaMe-defaults copy, their inputs, and
-        eager stock's output as the reference; shared by the compiled sections."""
-        if self._compile:
-            return self._compile
-        self.release_copies()
-        tiny = {"sd21": ("tiny-sd", 128), "sdxl": ("tiny-sdxl", 256)}
-        model, resolution = tiny[self.args.compile_model] if self.quick else (
-            self.args.compile_model, self.args.compile_resolution
-        )
-        setting = UNetSetting(model, resolution, 2, 1, 6, 0.0)
-        backend = self.args.compile_backend
-        self.report.payload["compiled"]["setting"] = f"{setting.label}, torch.compile backend {backend}"
-        base = self.build(model)
-        methods = [named(baseline(), STOCK), named(mame(**self.args.compile_mame), self.compiled_mame)]
-        models, errors = patched_copies(base, methods)
-        del base
-        if errors:
-            raise RuntimeError(f"cannot patch for compiling: {errors}")
-        hw = (resolution // 8, resolution // 8)
-        inputs = unet_inputs(models[STOCK], hw, latents=self.latents(hw, 2))
-        with torch.inference_mode():
-            reference = call_like_a_pipeline(models[STOCK], inputs).float()
-        self._compile = {
-            "eager": models,  # the two copies, eager (compiled wrappers call these same modules)
-            "inputs": inputs,
-            "reference": reference,  # eager stock's noise prediction, float32
-            "compiled": {},  # name -> default-mode compiled model
-            "compile_s": {},  # (name, mode) -> seconds of the first call(s)
-            "timings": {},  # (name, mode) -> compare_unet_copies row (or {"failed": ...})
-        }
-        return self._compile
-
-    def compile_model(self, model: torch.nn.Module, **options: Any) -> torch.nn.Module:
-        return torch.compile(model, backend=self.args.compile_backend, **options)
-
-    def compiled(self, name: str) -> None:
-        """``torch.compile`` (default mode) of the ``name`` copy: compile time, then timed
-        with every model compiled so far and eager stock and MaMe, round by round."""
-        state = self.compile_state()
-        compiled = self.first_compiled_call(state, name, "default")
-        if compiled is None:
-            raise RuntimeError(state["timings"][(name, "default")]["failed"])
-        state["compiled"][name] = compiled
-        self.time_compiled(state, {f"{k} (compiled)": (m, k, "default") for k, m in state["compiled"].items()})
-
-    def first_compiled_call(self, state: dict[str, Any], name: str, mode: str, calls: int = 1, on_call=None):
-        """Compile the ``name`` copy in ``mode`` and time its first ``calls`` calls (the
-        compiling); the compiled model, or ``None`` with the error in the table."""
-        options = {} if mode == "default" else {"mode": mode}
+    def compiled(self, setting: Setting, name: str) -> None:
+        """``torch.compile`` (default mode) of ``name``'s copy: its first call (compiling),
+        then every model compiled so far timed with eager stock, round by round."""
+        if not self.on_cuda and self.args.compile_backend == "inductor":
+            raise SectionSkipped("inductor takes minutes on a CPU (--compile-backend aot_eager checks the code)")
+        models, patch_errors = self.pool(setting.model)
+        if name not in models:
+            raise SectionSkipped(patch_errors.get(name) or f"no {name} copy here (see the notes)")
+        if name in self._compiled:
+            raise SectionSkipped(f"{name} is compiled already (the fused default)")
+        if name == TRITON and not kernels.traceable():
+            self.note("compiled MaMe triton: this torch cannot trace the kernels; it compiles the torch path")
+        self.note(f"compiled: {DEFAULTS} is not compiled: under torch.compile it leaves calls below "
+                  f"{DEFAULT_MIN_LATENT_TOKENS.get('cuda')} latent tokens unmerged on CUDA (stock's graph)")
+        _raise_recompile_limit()
+        inputs = self.inputs(setting, models[STOCK])
+        compiled = torch.compile(models[name], backend=self.args.compile_backend)
         synchronize(self.device)
         start = time.perf_counter()
-        try:
-            model = self.compile_model(state["eager"][name], **options)
-            with torch.inference_mode():
-                for _ in range(calls):
-                    if on_call is not None:
-                        on_call()
-                    call_like_a_pipeline(model, state["inputs"])
-            synchronize(self.device)
-        except Exception as error:  # in the table; the caller decides whether to go on
-            state["timings"][(name, mode)] = {"failed": _describe(error)}
-            self.refresh_compiled_table(state)
-            self.log(f"  compiling {name} ({mode}) failed: {_describe(error)}")
-            return None
-        state["compile_s"][(name, mode)] = time.perf_counter() - start
-        self.log(f"  compiled {name} ({mode}) in {state['compile_s'][(name, mode)]:.0f} s")
-        return model
-
-    def time_compiled(
-        self, state: dict[str, Any], compiled: dict[str, tuple[torch.nn.Module, str, str]], on_call=None
-    ) -> None:
-        """Time the compiled models with eager stock and eager MaMe, round by round, and
-        rebuild the compiled table from every timing so far."""
-        mame_name = self.compiled_mame
-        models = {f"{STOCK} (eager)": state["eager"][STOCK], f"{mame_name} (eager)": state["eager"][mame_name]}
-        models.update({k: m for k, (m, _, _) in compiled.items()})
-        warmup, repeats = (1, 2) if self.quick else (2, 6)
-        rows = compare_unet_copies(
-            models, state["inputs"], repeats=repeats, warmup=warmup, reference=state["reference"], on_call=on_call
-        )
-        meta = {f"{STOCK} (eager)": (STOCK, "eager"), f"{mame_name} (eager)": (mame_name, "eager")}
-        meta.update({k: (name, mode) for k, (_, name, mode) in compiled.items()})
-        for row in rows:
-            state["timings"][meta[row["method"]]] = row
-        self.refresh_compiled_table(state)
-        table = self.report.payload["compiled"]["rows"]
-        self.log("  " + " | ".join(f"{r['method']} {r['mode']} {r['median ms'] or float('nan'):.1f} ms" for r in table))
-
-    def refresh_compiled_table(self, state: dict[str, Any]) -> None:
-        eager_stock = state["timings"].get((STOCK, "eager"), {}).get("seconds")
-        table = []
-        for (name, mode), row in state["timings"].items():
-            compiled_stock = state["timings"].get((STOCK, mode), {}).get("seconds") if mode != "eager" else None
-            seconds = row.get("seconds")
-            table.append(
-                {
-                    "method": name,
-                    "mode": mode,
-                    "compile s": state["compile_s"].get((name, mode)),
-                    "median ms": _ms(seconds),
-                    "min ms": _ms(row.get("min_seconds")),
-                    "x vs eager stock": eager_stock / seconds if seconds and eager_stock else None,
-                    "x vs compiled stock": compiled_stock / seconds if seconds and compiled_stock else None,
-                    "error vs eager stock": row.get("error"),
-                    "failed": row.get("failed"),
-                    "all_seconds": row.get("all_seconds"),
-                }
-            )
-        self.report.payload["compiled"]["rows"] = table
-
-    def ratio_change(self) -> None:
-        """Re-apply MaMe with another ratio to the model inside the compiled wrapper, then call
-        the compiled model again: it must run, and agree with eager MaMe at the new ratio."""
-        state = self._compile
-        if self.compiled_mame not in state.get("compiled", {}):
-            raise SectionSkipped("needs the model compiled by 'compiled MaMe defaults', which did not run")
-        checks = self.report.payload["compiled"]["checks"]
-        compiled = state["compiled"][self.compiled_mame]
-        inner = compiled._orig_mod
-        inputs = state["inputs"]
         with torch.inference_mode():
-            before = call_like_a_pipeline(compiled, inputs).float()
-            apply_mame(inner, ratio=0.5)
-            try:
-                start = time.perf_counter()
-                try:
-                    after = call_like_a_pipeline(compiled, inputs).float()
-                    synchronize(self.device)
-                except Exception as error:
-                    checks["ratio change after compile runs"] = f"False ({_describe(error)})"
-                    raise
-                seconds = time.perf_counter() - start
-                eager = call_like_a_pipeline(inner, inputs).float()
-            finally:
-                apply_mame(inner, **self.args.compile_mame)  # back to what the other compiled sections expect
-        changed = float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before))
-        agreement = float(torch.linalg.vector_norm(after - eager) / torch.linalg.vector_norm(eager))
-        checks["ratio change after compile runs"] = f"True (first call after the change: {seconds:.1f} s)"
-        checks["output changed with the ratio (relative difference)"] = f"{changed:.4f}"
-        checks["compiled vs eager at the new ratio (relative difference)"] = f"{agreement:.4f}"
-        self.log(f"  ratio change: ran in {seconds:.1f} s, changed {changed:.4f}, vs eager {agreement:.4f}")
-
-    def reduce_overhead(self) -> None:
-        """``mode="reduce-overhead"`` (CUDA graphs) for stock and MaMe defaults."""
-        if self.device.type != "cuda":
-            raise SectionSkipped("CUDA graphs need CUDA")
-        state = self.compile_state()
-        # CUDA graphs replay into the same output buffers: mark each new call as a new step.
-        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
-        compiled = {}
-        for name in (STOCK, self.compiled_mame):
-            # Three calls: CUDA graphs are recorded on the calls after the first.
-            model = self.first_compiled_call(state, name, "reduce-overhead", calls=3, on_call=mark)
-            if model is not None:
-                compiled[f"{name} (reduce-overhead)"] = (model, name, "reduce-overhead")
-        if not compiled:
-            raise RuntimeError("neither model compiled with mode='reduce-overhead'")
-        self.time_compiled(state, compiled, on_call=mark)
-
-    def operator_compiled(self) -> None:
-        """``plan_merge`` + ``merge`` under ``torch.compile`` at the smallest N of section 1."""
-        tokens = 256 if self.quick else 4096
-        side = math.isqrt(tokens)
-        ratio = MaMeConfig().kv_ratio
-        x = torch.randn(2, tokens, 320, device=self.device, dtype=self.dtype)
-
-        def merge(x: torch.Tensor) -> torch.Tensor:
-            return plan_merge(x, (side, side), ratio=ratio).merge(x)
-
-        compiled = torch.compile(merge, backend=self.args.compile_backend)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            compiled(x)
+            call_like_a_pipeline(compiled, inputs)
         synchronize(self.device)
         compile_s = time.perf_counter() - start
-        calls, samples = (3, 3) if self.quick else (20, 7)
-        times = self.interleaved_ms({"eager": lambda: merge(x), "compiled": lambda: compiled(x)}, calls, samples)
-        kernels = profile_call(lambda: compiled(x), self.device)["kernels"]
-        checks = self.report.payload["compiled"]["checks"]
-        checks[f"plan+merge compiled at N={tokens}"] = (
-            f"compile {compile_s:.1f} s; {times['compiled']:.3f} ms vs eager {times['eager']:.3f} ms; "
-            f"{kernels} kernels per call"
-        )
-        self.report.payload["operator_compiled"] = {
-            "N": tokens, "compile_s": compile_s, "ms": times, "kernels": kernels,
-        }
-        self.log(f"  plan+merge compiled: {checks[f'plan+merge compiled at N={tokens}']}")
+        self._compiled[name] = compiled
+        self.report.payload.setdefault("compile_s", {})[name] = compile_s
+        self.log(f"  compiled {name} in {compile_s:.0f} s")
+        timed = {f"{STOCK} (eager)": models[STOCK], **self._compiled}
+        rows = compare_unet_copies(timed, inputs, repeats=setting.repeats, warmup=setting.warmup)
+        eager_stock = rows[0].get("seconds")
+        compiled_stock = next((r.get("seconds") for r in rows if r["method"] == STOCK), None)
+        for row in rows:
+            seconds = row.get("seconds")
+            row.update(mode="compiled", setting=setting.label, model=setting.model, resolution=setting.resolution,
+                       batch=setting.batch, latent_tokens=setting.latent_tokens,
+                       compile_s=self.report.payload["compile_s"].get(row["method"]),
+                       vs_eager_stock=eager_stock / seconds if seconds and eager_stock else None,
+                       speedup=compiled_stock / seconds if seconds and compiled_stock else None)
+        rows[0]["speedup"] = None  # eager stock: the reference row, not a compiled method
+        self.report.payload["rows"] = [r for r in self.report.rows if r["mode"] != "compiled"] + rows
+        self.profile(setting.label, "compiled", f"{setting.model} compiled", name,
+                     lambda: call_like_a_pipeline(compiled, inputs))
+        self.log("  " + " | ".join(
+            f"{r['method']} {_ms(r.get('seconds')) or float('nan'):.1f} ms ({r.get('vs_eager_stock') or 0:.2f}x eager)"
+            for r in rows
+        ))
 
 
-def _self_attention() -> torch.nn.Module:
-    """A diffusers self-attention as in SD 2.1's full-resolution blocks (C = 320, 5 heads)."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+def parse_pytest(output: str) -> dict[str, Any]:
+    """pytest's outcome from its ``-q -rfE`` output: the counts of its last line, the failed
+    and erroring tests' lines, the summary line."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed|error)", line)), "")
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)", summary)}
+    failures = [line[:300] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return {"summary": summary, "counts": counts, "failures": failures, "tail": "\n".join(lines[-30:])}
 
-    attn = Attention(query_dim=320, heads=5, dim_head=64)
-    attn.set_processor(AttnProcessor2_0())
-    return attn.eval()
+
+def _raise_recompile_limit() -> None:
+    # Each compiled copy is another instance of the same UNet class: dynamo counts their
+    # graphs against one code object's limit (8 by default).
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(64, getattr(config, name)))
+
+
+def _provenance(on_cuda: bool) -> dict[str, Any]:
+    """The driver, the commit (``MAME_COMMIT`` where the tree has no git, as on a lent
+    machine) and a digest of the package's sources, which identifies the code either way."""
+    def run(*command: str) -> str | None:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=ROOT)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    driver = run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_cuda else None
+    commit = os.environ.get("MAME_COMMIT") or run("git", "rev-parse", "HEAD")
+    if commit and not os.environ.get("MAME_COMMIT"):
+        changed = run("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+        commit += " + uncommitted changes" if changed else ""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "mame_diffusers").rglob("*.py"), Path(__file__)]):
+        digest.update(os.path.relpath(path, ROOT).encode() + b"\0" + path.read_bytes())
+    return {"driver": driver and driver.splitlines()[0], "commit": commit or "unknown (set MAME_COMMIT)",
+            "source_sha256": digest.hexdigest()[:16]}
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -1063,29 +964,27 @@ def _self_attention() -> torch.nn.Module:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for gpu.json and gpu.md")
+    parser.add_argument("--out", required=True, help="folder for gpu.json, gpu.md and kernel_tests.txt")
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
         "--budget", type=float, default=None,
         help=f"seconds from the start; sections that would end past it are skipped (default {DEFAULT_BUDGET:.0f}, "
         f"{QUICK_BUDGET:.0f} with --quick)",
     )
+    parser.add_argument("--only", help="comma-separated parts of section names to run, e.g. 'tests,768 b2,compiled'")
+    parser.add_argument(
+        "--kernel-tests", default=KERNEL_TESTS,
+        help=f"the tests of the first section (default {KERNEL_TESTS}, on CUDA only); 'none' skips them and times "
+        "the kernels unchecked",
+    )
+    parser.add_argument("--kernel-tests-timeout", type=float, default=KERNEL_TESTS_TIMEOUT, help="seconds")
     parser.add_argument(
         "--mame-variant", type=parse_variant, action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-        help="an extra MaMe method for the eager UNet sections, e.g. min_latent_tokens=0 or ratio=0.9 (repeatable)",
+        help="an extra MaMe method for the eager and graph sections, e.g. block=8 (repeatable)",
     )
-    parser.add_argument("--only", help="comma-separated parts of section names to run, e.g. 'operator,SD 2.1 512'")
     parser.add_argument(
         "--compile-backend", default="inductor",
         help="torch.compile backend (inductor; 'aot_eager' checks the compiled sections' code in seconds on a CPU)",
-    )
-    parser.add_argument("--compile-model", choices=("sd21", "sdxl"), default="sd21", help="UNet of the compiled sections")
-    parser.add_argument(
-        "--compile-resolution", type=int, default=768, help="resolution of the compiled sections (batch 2)"
-    )
-    parser.add_argument(
-        "--compile-mame", type=parse_variant, default={}, metavar="KEY=VALUE[,KEY=VALUE]",
-        help="settings of the compiled sections' MaMe copy (default: MaMe's defaults), e.g. min_latent_tokens=0",
     )
     parser.add_argument("--quick", action="store_true", help="tiny models: check the script on any machine")
     return parser.parse_args(argv)
@@ -1093,7 +992,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """Run the benchmark; returns the exit status (0 also when sections failed or were
-    skipped: the report says which)."""
+    skipped: the report says which; 3 when the alarm stopped it)."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -1119,8 +1018,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             signal.signal(sig, handler)
     bench.report.write()
     print("\n" + bench.report.stdout_summary())
-    out = bench.report.out
-    print(f"\nwrote {out / 'gpu.json'} and {out / 'gpu.md'} in {bench.elapsed():.0f} s", flush=True)
+    print(f"\nwrote {bench.out / 'gpu.json'} and {bench.out / 'gpu.md'} in {bench.elapsed():.0f} s", flush=True)
     return 3 if stopped else 0
 
 
