@@ -286,6 +286,23 @@ def test_the_restore_is_fitted_once_and_needs_the_planned_tokens():
         plan.restore(torch.randn(1, plan.num_merged, 4))
 
 
+def test_the_restore_fit_survives_set_num_threads_with_many_slots():
+    # torch's CPU LU solve (MKL getrf) returned garbage, or hung a whole CI run, for 176+
+    # slots per block once torch.set_num_threads had been called; the fit must not use it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(max(threads, 2))
+    try:
+        x = photo_pair((32, 32), 64)
+        plan = plan_merge(x, (32, 32), ratio=0.25, block=16)  # 192 slots per 16 x 16 block
+        merged = plan.merge(x)
+        restored, spread = plan.restore(merged), plan.spread(merged)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(restored).all()
+    assert ((restored - x).square().sum(-1) <= (spread - x).square().sum(-1) * (1 + 1e-4) + 1e-6).all()
+
+
 def test_blocks_of_zero_tokens_restore_to_zero():
     # A block whose slot means are all zero has nothing to fit: no 0 / 0.
     x = torch.randn(1, 32 * 32, 6)

@@ -178,11 +178,12 @@ def affine_restore_weights(
     system = gram + torch.diag_embed(ridge * scale.expand_as(squared_norms))
     hard = assignment.to(fit_dtype)
     residual = token_blocks.to(fit_dtype) @ means.transpose(-1, -2) - hard @ gram  # rows of Z (x - a Z)
-    # One solve for every token's right-hand side and for v (P is symmetric). solve_ex: P is
-    # positive definite by construction, and the error check of solve would wait for the
-    # GPU (a host sync).
+    # One solve for every token's right-hand side and for v. Cholesky, not LU: P is symmetric
+    # positive definite by construction, and torch's CPU LU (MKL getrf) returns garbage or
+    # hangs for 176+ slots once torch.set_num_threads has been called. The _ex form: an
+    # error check would wait for the GPU (a host sync).
     rhs = torch.cat([residual.transpose(-1, -2), valid[..., None]], dim=-1)
-    solved = torch.linalg.solve_ex(system, rhs)[0].transpose(-1, -2)
+    solved = torch.cholesky_solve(rhs, torch.linalg.cholesky_ex(system)[0]).transpose(-1, -2)
     fitted, constraint = solved[..., :-1, :], solved[..., -1:, :]
     total = constraint.sum(dim=-1, keepdim=True)
     # A block without a non-empty slot has nothing to fit (and would divide 0 by 0).
