@@ -15,11 +15,12 @@ same weights' shape, so they are measured once). Methods:
 - MaMe keys/values only (``keys_values_only=True``) at 0.75;
 - MaMe + MaRe at ratios 0.5, 0.75 and 0.9, with the query share of the default (1: queries,
   keys and values merge alike) and with 0.5 (queries merge less, keys and values more, at
-  the same attention cost; ``mame_diffusers.benchmarking.variants``).
+  the same attention cost; ``mame_diffusers.benchmarking.variants``), and at the default
+  ratio with a plan for every self-attention instead of one per UNet level.
 
 A method is on the frontier when no other measured method is both faster and more faithful.
 
-    python benchmarks/frontier.py                 # docs/frontier.{json,md,png}, about an hour
+    python benchmarks/frontier.py                 # benchmarks/results/frontier_sd21_768.{json,md,png}, about an hour
     python benchmarks/frontier.py --quick --out /tmp/frontier   # tiny UNet, seconds
 """
 
@@ -39,7 +40,7 @@ from mame_diffusers.benchmarking.photos import photo_latent_batch
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.benchmarking.sharpen import sharpen_self_attention
 from mame_diffusers.benchmarking.unet import call_like_a_pipeline, compare_unet
-from mame_diffusers.benchmarking.variants import mame_with_query_share
+from mame_diffusers.benchmarking.variants import mame_planning_every_block, mame_with_query_share
 from mame_diffusers.diffusers_integration import MaMeConfig
 from mame_diffusers.methods import Method, baseline, mame, tomesd_method
 from mame_diffusers.offline import build_unet, unet_inputs
@@ -59,6 +60,7 @@ def methods(ratios: tuple[float, ...] = (0.5, 0.75, 0.9)) -> list[Method]:
     for ratio in ratios:
         found.append(mame() if ratio == MaMeConfig().ratio else mame(ratio=ratio))
         found.append(mame_with_query_share(ratio, 0.5))
+    found.append(mame_planning_every_block(MaMeConfig().ratio))
     return [method for method in found if method is not None]
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each method once per round)")
     parser.add_argument("--entropy", type=float, default=0.7, help="sharpened attention entropy, over log N")
     parser.add_argument("--quick", action="store_true", help="tiny UNet at 256 x 256, one round: a smoke run")
-    parser.add_argument("--out", default="docs/frontier", help="report path without suffix")
+    parser.add_argument("--out", default="benchmarks/results/frontier_sd21_768", help="report path without suffix")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)

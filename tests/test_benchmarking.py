@@ -242,3 +242,21 @@ def test_gpu_benchmark_alarm_stops_the_kernel_tests_with_their_subprocesses(tmp_
     report = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert report["kernel_tests"]["status"] == "stopped by the time budget"
     assert report["sections"][0]["status"] == "stopped"
+
+
+def test_frontier_script_runs_quick(tmp_path):
+    # The frontier that picks the defaults (docs/frontier.md), on a tiny UNet: every method
+    # measured, the stock row exact, the default MaMe row merging, the plot written.
+    import subprocess
+
+    out = tmp_path / "frontier"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["method"]: row for row in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["baseline (SDPA)"]["error"] == 0 and rows["MaMe (defaults)"]["error"] > 0
+    assert any(name.startswith("tomesd") for name in rows)
+    assert all(row["seconds"] > 0 for row in rows.values())
+    assert out.with_suffix(".png").exists() and "| method |" in out.with_suffix(".md").read_text()
