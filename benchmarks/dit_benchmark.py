@@ -22,7 +22,6 @@ ratios to stock, with their min-max spread.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,17 +32,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mame_diffusers.benchmarking.photos import load_photo
+from mame_diffusers.benchmarking.dit import (
+    QUICK,
+    SUBJECTS,
+    PeerHooks,
+    Subject,
+    merged_tokens,
+    panning_latents,
+    swap_hooks,
+    with_layers,
+)
+from mame_diffusers.benchmarking.dit import dit_forward as forward
 from mame_diffusers.benchmarking.report import environment, markdown_table, write_report
 from mame_diffusers.benchmarking.timing import interleaved_seconds
-from mame_diffusers.dit_integration import (
-    DiTMaMeConfig,
-    GridPlan,
-    TokenGrid,
-    apply_mame_to_dit,
-    build_transformer,
-    transformer_inputs,
-)
+from mame_diffusers.dit_integration import DiTMaMeConfig, GridPlan, TokenGrid, apply_mame_to_dit
 from mame_diffusers.dit_integration import blocks as dit_blocks
 from mame_diffusers.dit_integration import grids as dit_grids
 from mame_diffusers.dit_integration import rotary as dit_rotary
@@ -52,137 +54,7 @@ from mame_diffusers.dit_integration.state import ForwardState
 RESULTS = Path(__file__).parent / "results"
 
 
-# -- subjects ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One transformer to measure: family, blocks, latent size, text length, speed target."""
-
-    name: str
-    family: str
-    label: str
-    latent: tuple[int, ...]
-    text: int
-    layers: int
-    single_layers: int | None = None
-    target: float | None = None
-    size: str = "wide"
-
-    def build(self, seed: int = 0) -> torch.nn.Module:
-        return build_transformer(
-            self.family, self.size, num_layers=self.layers, num_single_layers=self.single_layers, seed=seed
-        )
-
-    def inputs(self, model: torch.nn.Module, photo: str = "astronaut") -> dict:
-        channels = model.config.in_channels // 4 if self.family == "flux" else model.config.in_channels
-        if len(self.latent) == 3:
-            latents = panning_latents(photo, self.latent, channels)
-        else:
-            latents = photo_latents(photo, self.latent, channels)
-        return transformer_inputs(model, self.latent, latents=latents, text_length=self.text)
-
-
-SUBJECTS = {
-    "pixart": Subject("pixart", "pixart", "PixArt-α width (1152, 16 heads), 1024², 4 blocks", (128, 128), 120, 4,
-                      target=1.5),
-    "sd3": Subject("sd3", "sd3", "SD3-medium width (1536, 24 heads), 1024², 3 blocks", (128, 128), 333, 3, target=1.5),
-    "flux": Subject("flux", "flux", "Flux.1 width (3072, 24 heads), 1 double + 1 single block, 1024²", (128, 128), 512,
-                    1, single_layers=1, target=1.4),
-    "wan": Subject("wan", "wan", "Wan2.1-1.3B width (1536, 12 heads, FFN 8960), 33 frames 480p, 2 blocks",
-                   (9, 60, 104), 512, 2, target=1.8),
-}
-QUICK = {
-    "pixart": Subject("pixart", "pixart", "tiny PixArt", (32, 48), 8, 2, size="tiny"),
-    "sd3": Subject("sd3", "sd3", "tiny SD3.5", (32, 48), 8, 3, size="tiny"),
-    "flux": Subject("flux", "flux", "tiny Flux", (32, 48), 8, 1, single_layers=2, size="tiny"),
-    "wan": Subject("wan", "wan", "tiny Wan", (5, 32, 48), 8, 2, size="tiny"),
-}
-
-
-def with_layers(subject: Subject, layers: int) -> Subject:
-    """``subject`` with another number of blocks (and a label saying so)."""
-    label = subject.label.replace(f"{subject.layers} blocks", f"{layers} blocks")
-    return Subject(**{**subject.__dict__, "layers": layers, "label": label})
-
-
-# -- inputs with the statistics of photographs ---------------------------------------------------------
-
-
-def _projection(channels: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(3 * 64, channels, generator=generator) / 8 / math.sqrt(3)
-
-
-def _project(photo: torch.Tensor, channels: int) -> torch.Tensor:
-    """``(3, 8h, 8w)`` photo -> ``(channels, h, w)``: 8 x 8 patches by a fixed random projection."""
-    height, width = photo.shape[-2] // 8, photo.shape[-1] // 8
-    patches = F.unfold(photo[None], kernel_size=8, stride=8).transpose(1, 2)[0]
-    patches = patches - patches.mean(dim=0, keepdim=True)
-    return (patches @ _projection(channels)).T.reshape(channels, height, width)
-
-
-def photo_latents(name: str, hw: tuple[int, int], channels: int) -> torch.Tensor:
-    """``(1, channels, h, w)`` standardised latents with a photo's spatial statistics."""
-    latents = _project(load_photo(name, (8 * hw[0], 8 * hw[1])), channels)
-    return ((latents - latents.mean()) / latents.std())[None]
-
-
-def panning_latents(name: str, size: tuple[int, int, int], channels: int, step: int = 1) -> torch.Tensor:
-    """``(1, channels, frames, h, w)``: a pan across a photo, ``step`` latent pixels per latent
-    frame (a Wan latent frame is 4 video frames)."""
-    frames, height, width = size
-    wide = load_photo(name, (8 * height, 8 * (width + step * (frames - 1))))
-    clips = [_project(wide[:, :, 8 * step * t: 8 * step * t + 8 * width], channels) for t in range(frames)]
-    video = torch.stack(clips, dim=1)
-    return ((video - video.mean()) / video.std())[None]
-
-
-# -- the ToMe-style peer, at MaMe's place ---------------------------------------------------------------
-
-
-class BipartitePlan:
-    """tomesd's bipartite soft matching (random 2 x 2 destinations) over the image grid, with
-    the same interface as :class:`GridPlan`; merges to exactly MaMe's merged token count."""
-
-    def __init__(self, merge: Callable, unmerge: Callable) -> None:
-        self._merge, self._unmerge = merge, unmerge
-
-    @classmethod
-    def plan(cls, tokens: torch.Tensor, grid: TokenGrid, merged_count: int) -> tuple["BipartitePlan", torch.Tensor]:
-        from tomesd.merge import bipartite_soft_matching_random2d
-
-        generator = torch.Generator(device=tokens.device).manual_seed(0)
-        merge, unmerge = bipartite_soft_matching_random2d(
-            tokens, grid.width, grid.frames * grid.height, 2, 2, tokens.shape[1] - merged_count, generator=generator
-        )
-        self = cls(merge, unmerge)
-        self._shape, self._device = tokens.shape, tokens.device
-        return self, self.merge(tokens)
-
-    def merge(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._merge(tokens, mode="mean")
-
-    def key_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """Proportional attention, as MaMe's blocks get it: log of how many tokens each holds."""
-        sizes = self._merge(torch.ones(*self._shape[:2], 1, device=self._device), mode="sum")[..., 0]
-        return sizes.log().to(dtype)
-
-    def restore(self, merged: torch.Tensor) -> torch.Tensor:
-        return self._unmerge(merged)
-
-
-class PeerHooks(dit_blocks.BlockHooks):
-    """MaMe's block hooks with the bipartite peer planning the merge, on the same features
-    (the layer-normed tokens) and to MaMe's merged count."""
-
-    def _plan(self, tokens, grid):
-        merged_count = sum(  # MaMe's merged count on this grid
-            count * self.config.layout((frames * grid.height, grid.width), "ratio").num_merged
-            for count, frames in grid.groups()
-        )
-        plan, _ = BipartitePlan.plan(F.layer_norm(tokens, tokens.shape[-1:]), grid, merged_count)
-        return plan, plan.merge(tokens)
+# -- study hooks -------------------------------------------------------------------------------------
 
 
 class SharedPlanHooks(dit_blocks.BlockHooks):
@@ -198,27 +70,11 @@ class SharedPlanHooks(dit_blocks.BlockHooks):
         return plan, plan.merge(tokens)
 
 
-def swap_hooks(model: torch.nn.Module, hooks_class: type) -> None:
-    """Give the block hooks that ``apply_mame`` installed on ``model`` another class."""
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key, hook in hooks.items():
-                owner = getattr(hook, "__self__", None)
-                if isinstance(owner, dit_blocks.BlockHooks):
-                    owner.__class__ = hooks_class
-                    hooks[key] = getattr(owner, hook.__name__)  # bound anew: overridden methods apply
-
-
 # -- measuring -----------------------------------------------------------------------------------------
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**inputs).sample
 
 
 @dataclass
@@ -270,19 +126,6 @@ def errors_of(models: dict, inputs: dict, stock: str = "stock") -> dict[str, dic
     return {name: run.errors(runs[stock]) for name, run in runs.items()}
 
 
-def merged_tokens(subject: Subject, model: torch.nn.Module, inputs: dict) -> int:
-    """Tokens the first block sees."""
-    seen = []
-    block = next(iter(model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks))
-    handle = block.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]),
-                                             with_kwargs=True)
-    try:
-        forward(model, inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def time_methods(calls: dict[str, Callable], rounds: int, desc: str) -> dict[str, list[float]]:
     """Interleaved wall times, one round at a time (with a progress bar)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -330,7 +173,7 @@ def benchmark(subject: Subject, rounds: int) -> list[dict]:
     swap_hooks(peer, PeerHooks)
     models = {"stock": stock, "MaMe (defaults)": mame, "ToMe bipartite (same place, same count)": peer}
     errors = errors_of(models, inputs)
-    tokens = {name: merged_tokens(subject, model, inputs) for name, model in models.items()}
+    tokens = {name: merged_tokens(model, inputs) for name, model in models.items()}
     calls = {name: (lambda m=model: forward(m, inputs)) for name, model in models.items()}
     speed = speed_rows(time_methods(calls, rounds, subject.name), "stock")
     rows = []

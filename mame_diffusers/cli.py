@@ -2,6 +2,8 @@
 
     mame-diffusers bench                  # SD 2.1 architecture, offline, 512x512, batch 2
     mame-diffusers bench --quick          # tiny model, seconds
+    mame-diffusers bench --arch flux      # a diffusion transformer's forward (pixart, sd3, flux, wan), offline
+    mame-diffusers generate --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompts prompts.txt
     mame-diffusers generate --prompt "a photo of an astronaut"
     mame-diffusers generate --prompts prompts.txt --out images      # one image per prompt
     accelerate launch --num_processes 8 -m mame_diffusers.cli generate --prompts prompts.txt --out images
@@ -18,7 +20,14 @@ from .defaults import DEFAULT_RATIO
 from .generation import METHODS
 
 _DTYPES = ("float32", "float16", "bfloat16")
-_RESOLUTION_HELP = "image side in pixels, a multiple of 8 (default: 512; 128 with --quick)"
+#: What --arch builds offline: the SD 2.1 UNet pipeline, or a diffusion transformer
+#: (``mame_diffusers.benchmarking.dit.DIT_ARCHS``; named here so that --help imports no torch).
+ARCHS = ("sd21", "pixart", "sd3", "flux", "wan")
+_RESOLUTION_HELP = (
+    "image side in pixels, a multiple of 8 (default: 512; 128 with --quick). Diffusion transformers: a "
+    "multiple of 16, default 1024 (256 with --quick); Wan: the frame height, 480 (256 with --quick), "
+    "the width 832/480 times that"
+)
 
 
 def _ratio(text: str) -> float:
@@ -32,6 +41,13 @@ def _resolution(text: str) -> int:
     value = int(text)
     if value < 64 or value % 8:
         raise argparse.ArgumentTypeError(f"resolution must be a multiple of 8 of at least 64, got {text}")
+    return value
+
+
+def _frames(text: str) -> int:
+    value = int(text)
+    if value < 1 or (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"frames must be 4k + 1 (1, 5, 9, ..., 33, ..., 81), got {text}")
     return value
 
 
@@ -82,8 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--model",
         default=None,
-        help="diffusers model id or local folder with real weights (default: the SD 2.1 "
-        "architecture built offline with random weights)",
+        help="diffusers model id or local folder with real weights: a Stable Diffusion pipeline, or a PixArt-α/Σ, "
+        "SD3, Flux or Wan one (its model_index.json tells) (default: --arch's architecture built offline with "
+        "random weights)",
+    )
+    common.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="the architecture built offline with random weights when there is no --model (default: sd21, the "
+        "SD 2.1 pipeline). bench: pixart, sd3, flux or wan time a diffusion transformer's forward (real widths "
+        "with a few blocks; tiny with --quick). generate needs real weights for diffusion transformers: pass "
+        "their pipeline as --model (PixArt-α/Σ, SD3, Flux, Wan)",
+    )
+    common.add_argument(
+        "--frames",
+        type=_frames,
+        default=None,
+        help="Wan (video) only: frames per video, 4k + 1 (default: bench 33, 17 with --quick; generate 81)",
     )
     common.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of the weights and activations")
     common.add_argument(
@@ -95,20 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         parents=[common],
-        help="time the UNet and a short pipeline call: baseline vs MaMe vs tomesd",
+        help="time the UNet and a short pipeline call: baseline vs MaMe vs tomesd; or a diffusion transformer",
         description="Latency, speed-up and fidelity of MaMe against the SDPA baseline and tomesd "
-        "(when installed) at equal merged length, batch 2 (classifier-free guidance).",
+        "(when installed) at equal merged length, batch 2 (classifier-free guidance). With a diffusion "
+        "transformer (--arch pixart, sd3, flux or wan, or a DiT pipeline as --model): its forward at batch 1, "
+        "stock vs MaMe, no pipeline calls.",
     )
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
-    bench.add_argument("--resolution", type=_resolution, default=512, help=_RESOLUTION_HELP)
-    bench.add_argument("--ratios", type=_ratio, nargs="+", default=[DEFAULT_RATIO], help="merge ratios to compare")
-    bench.add_argument("--repeats", type=_positive, default=3, help="timed UNet calls per method (median)")
-    bench.add_argument("--steps", type=_positive, default=2, help="denoising steps in each timed pipeline call")
+    bench.add_argument("--resolution", type=_resolution, default=None, help=_RESOLUTION_HELP)
     bench.add_argument(
-        "--pipeline-rounds", type=_positive, default=2, help="timed pipeline calls per method (median)"
+        "--ratios",
+        type=_ratio,
+        nargs="+",
+        default=None,
+        help=f"merge ratios to compare (default: {DEFAULT_RATIO}); diffusion transformers: MaMe's DiT default "
+        "unless given",
     )
-    bench.add_argument("--no-pipeline", action="store_true", help="time the UNet only")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the UNet (each method compiled)")
+    bench.add_argument(
+        "--repeats", type=_positive, default=3, help="timed UNet (or transformer) calls per method (median)"
+    )
+    bench.add_argument(
+        "--steps", type=_positive, default=2, help="denoising steps in each timed pipeline call (UNets)"
+    )
+    bench.add_argument(
+        "--pipeline-rounds", type=_positive, default=2, help="timed pipeline calls per method (median; UNets)"
+    )
+    bench.add_argument("--no-pipeline", action="store_true", help="time the UNet only (DiTs: always)")
+    bench.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (each method compiled; UNets only)"
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -117,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="With --prompt: one image per method (baseline | tomesd | MaMe), same seed, side by "
         "side in OUT/generate.png. With --prompts FILE: one image per non-blank line, OUT/00000.png, ..., "
         "recorded in OUT/manifest.jsonl; resumable, and split across processes under "
-        "`accelerate launch --num_processes N -m mame_diffusers.cli generate ...` (see docs/scale_out.md).",
+        "`accelerate launch --num_processes N -m mame_diffusers.cli generate ...` (see docs/scale_out.md). "
+        "Diffusion transformers (a PixArt-α/Σ, SD3, Flux or Wan pipeline as --model; random-weight ones are "
+        "bench's, not generate's): stock | MaMe, no tomesd; Wan's videos are written as animated PNGs.",
     )
     what = generate.add_mutually_exclusive_group()
     what.add_argument("--prompt", default="a photo of an astronaut riding a horse", help="one prompt: the grid")
@@ -130,8 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu or cuda. Default: the grid runs on cpu; --prompts runs on the device accelerate gives "
         "each process (its GPU, or the CPU under `accelerate launch --cpu` or without a GPU)",
     )
-    generate.add_argument("--resolution", type=_resolution, default=512, help=_RESOLUTION_HELP)
-    generate.add_argument("--ratio", type=_ratio, default=DEFAULT_RATIO, help="merge ratio of MaMe, and of tomesd")
+    generate.add_argument("--resolution", type=_resolution, default=None, help=_RESOLUTION_HELP)
+    generate.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=None,
+        help=f"merge ratio of MaMe, and of tomesd (default: {DEFAULT_RATIO}); diffusion transformers: MaMe's DiT "
+        "default unless given",
+    )
     generate.add_argument("--steps", type=_positive, default=25, help="denoising steps per image")
     generate.add_argument(
         "--batch-size",

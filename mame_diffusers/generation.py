@@ -228,10 +228,11 @@ def conflicting_setting(records: Iterable[dict[str, Any]], identity: dict[str, A
     """Why the images already recorded cannot be resumed by this run, or ``None``.
 
     Resuming only makes sense with the same method, MaMe settings, model, resolution, steps,
-    dtype and base seed: anything else would mix images of two experiments in one folder.
+    dtype (videos: frames) and base seed: anything else would mix images of two experiments in
+    one folder. ``identity`` holds :data:`IDENTITY`'s keys, and ``frames`` for videos.
     """
     for record in latest_records(records).values():
-        for key in IDENTITY:
+        for key in identity:
             if record.get(key) != identity[key]:
                 return f"{key}={json.dumps(record.get(key))} (this run: {key}={json.dumps(identity[key])})"
         if record.get("seed") is not None and record["seed"] - record["index"] != seed:
@@ -242,14 +243,23 @@ def conflicting_setting(records: Iterable[dict[str, Any]], identity: dict[str, A
 # -- writing -------------------------------------------------------------------------------------
 
 
+#: Frames per second of the animated PNGs that videos are written as (Wan's 16).
+VIDEO_FPS = 16
+
+
 def write_image_atomically(image: Any, path: str | Path) -> Path:
     """Save a PIL image as PNG at ``path`` so that the file is either complete or absent:
-    a temporary file next to it (same file system), flushed to disk, then ``os.replace``."""
+    a temporary file next to it (same file system), flushed to disk, then ``os.replace``.
+    A video (a list of PIL frames) becomes an animated PNG at :data:`VIDEO_FPS`."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
-            image.save(handle, format="PNG")
+            if isinstance(image, (list, tuple)):
+                first, *rest = image
+                first.save(handle, format="PNG", save_all=True, append_images=rest, duration=1000 / VIDEO_FPS, loop=0)
+            else:
+                image.save(handle, format="PNG")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -557,9 +567,12 @@ class RunSpec:
     seed: int = 0
     batch_size: int = 1
     label: str = ""
+    #: Frames per video (Wan), ``None`` for images.
+    frames: int | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in IDENTITY}
+        identity = {key: getattr(self, key) for key in IDENTITY}
+        return identity if self.frames is None else {**identity, "frames": self.frames}
 
 
 def _method(spec: RunSpec):
@@ -624,18 +637,19 @@ def _process_device(requested: str | None, state):
 def _generate(pipe, jobs: Sequence[Job], spec: RunSpec, steps: int | None = None) -> list:
     """One pipeline call for ``jobs``: each image from its own CPU generator seeded with its
     job's seed (diffusers draws each image's noise with its own generator, so an image's
-    noise does not depend on the batch it is in)."""
+    noise does not depend on the batch it is in). Videos come as lists of frames."""
     import torch
+
+    from .loading import call_arguments, pictures
 
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     with torch.inference_mode():
-        return pipe(
+        return pictures(pipe(
             [job.prompt for job in jobs],
-            height=spec.resolution,
-            width=spec.resolution,
             num_inference_steps=steps or spec.steps,
             generator=generators,
-        ).images
+            **call_arguments(pipe, spec.resolution, spec.frames),
+        ))
 
 
 def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[str, Any]:
@@ -647,7 +661,7 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
     from tqdm import tqdm
 
     from .benchmarking.timing import synchronize
-    from .loading import UsageError
+    from .loading import UsageError, patch_target
 
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)
@@ -675,7 +689,8 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
                 part.parent.mkdir(exist_ok=True)
             batches = [mine[i : i + spec.batch_size] for i in range(0, len(mine), spec.batch_size)]
             method = _method(spec)
-            method.patch(pipe.unet)
+            target = patch_target(pipe)
+            method.patch(target)
             try:
                 # Untimed warm-up (one step): first-call costs are no image's.
                 _generate(pipe, batches[0], spec, steps=1)
@@ -701,7 +716,7 @@ def run_method(pipe, jobs: Sequence[Job], spec: RunSpec, state, device) -> dict[
                         bar.update(len(batch))
                     wall = time.perf_counter() - start
             finally:
-                method.unpatch(pipe.unet)
+                method.unpatch(target)
     return {
         "method": spec.label,
         "process_index": state.process_index,
@@ -782,9 +797,9 @@ def _model_label(args) -> str:
     return f"offline {'tiny' if args.quick else 'sd21'} (random weights, seed {args.seed})"
 
 
-def _specs(args, resolution: int) -> list[RunSpec]:
-    from .loading import UsageError
-    from .methods import parse_mame_settings
+def _specs(args, resolution: int, family: str = "unet", frames: int | None = None) -> list[RunSpec]:
+    from .loading import UsageError, resolve_ratio
+    from .methods import check_settings, parse_mame_settings
 
     method = args.method or "mame"
     extra = parse_mame_settings(args.mame or [])
@@ -792,17 +807,15 @@ def _specs(args, resolution: int) -> list[RunSpec]:
         raise UsageError("--mame settings apply to --method mame only")
     if args.compare and method == "stock":
         raise UsageError("--compare runs --method stock next to another method; choose --method mame or tomesd")
+    if method == "tomesd" and family != "unet":
+        raise UsageError("tomesd patches UNets; --method tomesd does not apply to diffusion transformers")
+    ratio = resolve_ratio(args.ratio, family)
     if method == "mame":
-        from .diffusers_integration import MaMeConfig
-
-        settings = {"ratio": args.ratio, **extra}
-        try:
-            MaMeConfig(**settings)
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"bad MaMe settings: {error}") from error
+        settings = {"ratio": ratio, **extra}
+        check_settings(settings, dit=family != "unet")
         label = "MaMe"
     elif method == "tomesd":
-        settings, label = {"ratio": args.ratio}, "tomesd"
+        settings, label = {"ratio": ratio}, "tomesd"
     else:
         settings, label = {}, "stock"
     common = dict(
@@ -812,6 +825,7 @@ def _specs(args, resolution: int) -> list[RunSpec]:
         dtype=args.dtype,
         seed=args.seed,
         batch_size=args.batch_size,
+        frames=frames,
     )
     specs = [RunSpec(method, settings, Path(args.out), label=label, **common)]
     if args.compare:
@@ -822,11 +836,12 @@ def _specs(args, resolution: int) -> list[RunSpec]:
 def run_prompts(args) -> list[Path]:
     """``mame-diffusers generate --prompts FILE``: every process's share, then (main process)
     the merged manifests and the summary. Returns the files written (main process only)."""
-    from .loading import resolve_dtype
+    from .loading import generate_family, resolve_dtype, resolve_frames, resolve_resolution
 
     prompts = read_prompts(args.prompts)
-    resolution = 128 if args.quick and args.resolution == 512 else args.resolution
-    specs = _specs(args, resolution)
+    family = generate_family(args)
+    resolution = resolve_resolution(args.resolution, family, args.quick)
+    specs = _specs(args, resolution, family, resolve_frames(getattr(args, "frames", None), family, 81))
     if specs[0].method == "tomesd":
         _method(specs[0])  # tomesd installed?
     jobs = plan_jobs(prompts, args.seed)
@@ -868,9 +883,11 @@ def _run_specs(args, specs: Sequence[RunSpec], jobs: Sequence[Job], state, devic
     from accelerate.utils import gather_object
 
     from .benchmarking.report import environment, write_report
-    from .loading import load_pipeline
+    from .loading import frame_size, load_pipeline
 
-    resolution = specs[0].resolution
+    frames = specs[0].frames
+    height, width = frame_size("wan", specs[0].resolution) if frames else (specs[0].resolution,) * 2
+    size = f"{height}x{width}" + (f", {frames} frames" if frames else "")
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
 
     runs = []
@@ -890,7 +907,7 @@ def _run_specs(args, specs: Sequence[RunSpec], jobs: Sequence[Job], state, devic
     table = summary_tables(runs)
     settings = ", ".join(f"{key}={value}" for key, value in specs[0].settings.items())
     print(
-        f"\n{len(jobs)} prompts, {resolution}x{resolution}, {args.steps} steps, batch {args.batch_size}, "
+        f"\n{len(jobs)} prompts, {size}, {args.steps} steps, batch {args.batch_size}, "
         f"{args.dtype}, {state.num_processes} process(es); {specs[0].label}"
         f"{f' ({settings})' if settings else ''}; images/s = images made by this run / its wall seconds "
         "(processes side by side); skipped = already done\n"
@@ -905,7 +922,8 @@ def _run_specs(args, specs: Sequence[RunSpec], jobs: Sequence[Job], state, devic
         "setup": {
             "prompts": len(jobs),
             "model": specs[0].model,
-            "resolution": resolution,
+            "resolution": specs[0].resolution,
+            "frames": specs[0].frames,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "seed": args.seed,

@@ -11,7 +11,15 @@ import torch
 
 from .loading import UsageError
 
-__all__ = ["Method", "baseline", "mame", "parse_mame_settings", "share_of_tokens", "tomesd_method"]
+__all__ = [
+    "Method",
+    "baseline",
+    "check_settings",
+    "mame",
+    "parse_mame_settings",
+    "share_of_tokens",
+    "tomesd_method",
+]
 
 
 @dataclass
@@ -107,3 +115,16 @@ def parse_mame_settings(items: Iterable[str]) -> dict[str, Any]:
             raise UsageError("set ratio with --ratio, not --mame")
         settings[key] = _value(value)
     return settings
+
+
+def check_settings(settings: dict[str, Any], *, dit: bool = False) -> None:
+    """One line (:class:`UsageError`) for MaMe settings that ``apply_mame`` would refuse, on a
+    UNet or (``dit``) a diffusion transformer."""
+    if dit:
+        from .dit_integration import DiTMaMeConfig as config_class
+    else:
+        from .diffusers_integration import MaMeConfig as config_class
+    try:
+        config_class(**settings)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"bad MaMe settings: {error}") from error

@@ -12,10 +12,22 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from ..defaults import DEFAULT_MAX_DOWNSAMPLE
-from ..loading import UsageError, load_pipeline, resolve_dtype
+from ..defaults import DEFAULT_MAX_DOWNSAMPLE, DEFAULT_RATIO
+from ..loading import (
+    UsageError,
+    call_arguments,
+    denoiser_family,
+    generate_family,
+    load_pipeline,
+    patch_target,
+    pictures,
+    resolve_dtype,
+    resolve_frames,
+    resolve_ratio,
+    resolve_resolution,
+)
 from .report import environment, markdown_table, write_report
-from ..methods import Method, baseline, mame, parse_mame_settings, tomesd_method
+from ..methods import Method, baseline, check_settings, mame, parse_mame_settings, tomesd_method
 from .unet import call_like_a_pipeline, compare_unet
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
@@ -185,13 +197,24 @@ def _spread(seconds: Sequence[float] | None) -> float:
 
 def run_bench(args, device: torch.device) -> list[Path]:
     dtype = resolve_dtype(args.dtype, device)
-    resolution = 128 if args.quick and args.resolution == 512 else args.resolution
+    family = denoiser_family(args.model, getattr(args, "arch", None))
+    resolution = resolve_resolution(args.resolution, family, args.quick)
+    frames = resolve_frames(getattr(args, "frames", None), family, 17 if args.quick else 33)
+    if family != "unet":
+        if args.compile:
+            raise UsageError(
+                "--compile applies to UNets; a diffusion transformer's forward is timed eagerly here "
+                "(benchmarks/gpu.sh times DiTs on a GPU)"
+            )
+        from .dit import run_dit_bench
+
+        return run_dit_bench(args, device, dtype, resolution, frames)
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
     steps = None if args.no_pipeline else args.steps
     rows = benchmark(
         pipe,
         resolution=resolution,
-        ratios=args.ratios,
+        ratios=args.ratios or [DEFAULT_RATIO],
         repeats=args.repeats,
         steps=steps,
         pipeline_rounds=args.pipeline_rounds,
@@ -247,7 +270,7 @@ def plot_latency(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
 
     names = [row["method"] for row in rows]
     seconds = [row["seconds"] for row in rows]
-    colours = ["#888888" if n.startswith("baseline") else "#1f77b4" if n.startswith("MaMe") else "#ff7f0e" for n in names]
+    colours = ["#888888" if n.startswith(("baseline", "stock")) else "#1f77b4" if n.startswith("MaMe") else "#ff7f0e" for n in names]
     figure, axis = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
     bars = axis.barh(names, seconds, color=colours)
     for bar, row in zip(bars, rows):
@@ -263,40 +286,63 @@ def plot_latency(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     return path
 
 
-def generate_grid(pipe, methods: list[Method], *, prompt: str, resolution: int, steps: int, seed: int):
-    """One image per method, same seed, side by side with the method's name above each."""
+def generate_grid(
+    pipe, methods: list[Method], *, prompt: str, resolution: int, steps: int, seed: int, frames: int | None = None
+):
+    """One image per method, same seed, side by side with the method's name above each
+    (a video's first frame)."""
     from PIL import Image, ImageDraw
 
     tiles = []
+    target = patch_target(pipe)
     for method in tqdm(methods, desc="generating"):
-        method.patch(pipe.unet)
+        method.patch(target)
         try:
             generator = torch.Generator().manual_seed(seed)
             with torch.inference_mode():
-                image = pipe(
-                    prompt, height=resolution, width=resolution, num_inference_steps=steps, generator=generator
-                ).images[0]
+                output = pipe(
+                    prompt, num_inference_steps=steps, generator=generator, **call_arguments(pipe, resolution, frames)
+                )
         finally:
-            method.unpatch(pipe.unet)
-        tiles.append((method.name, image))
-    grid = Image.new("RGB", (resolution * len(tiles), resolution + 24), "white")
+            method.unpatch(target)
+        image = pictures(output)[0]
+        tiles.append((method.name, image[0] if isinstance(image, list) else image))
+    width, height = tiles[0][1].size
+    grid = Image.new("RGB", (width * len(tiles), height + 24), "white")
     draw = ImageDraw.Draw(grid)
     for index, (name, image) in enumerate(tiles):
-        grid.paste(image, (index * resolution, 24))
-        draw.text((index * resolution + 4, 4), name, fill="black")
+        grid.paste(image, (index * width, 24))
+        draw.text((index * width + 4, 4), name, fill="black")
     return grid
+
+
+def generate_methods(family: str, ratio: float, extra: dict[str, Any]) -> list[Method]:
+    """What the grid draws: baseline, tomesd (when installed) and MaMe on UNets; stock and MaMe
+    on diffusion transformers (tomesd patches UNets only)."""
+    check_settings({"ratio": ratio, **extra}, dit=family != "unet")
+    if family != "unet":
+        from .dit import dit_methods
+
+        return dit_methods([ratio], **extra)
+    methods = [baseline(), *[m for m in [tomesd_method(ratio)] if m is not None]]
+    methods.append(mame(ratio=ratio, **extra))
+    return methods
 
 
 def run_generate(args, device: torch.device) -> list[Path]:
     extra = parse_mame_settings(getattr(args, "mame", None) or [])
     dtype = resolve_dtype(args.dtype, device)
-    resolution = 128 if args.quick and args.resolution == 512 else args.resolution
+    family = generate_family(args)
+    resolution = resolve_resolution(args.resolution, family, args.quick)
+    frames = resolve_frames(getattr(args, "frames", None), family, 81)
+    methods = generate_methods(family, resolve_ratio(args.ratio, family), extra)
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
-    methods = [baseline(), *[m for m in [tomesd_method(args.ratio)] if m is not None]]
-    methods.append(mame(ratio=args.ratio, **extra))
-    grid = generate_grid(pipe, methods, prompt=args.prompt, resolution=resolution, steps=args.steps, seed=args.seed)
+    grid = generate_grid(
+        pipe, methods, prompt=args.prompt, resolution=resolution, steps=args.steps, seed=args.seed, frames=frames
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "generate.png"
     grid.save(path)
     return [path]
+
