@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark, one command for a lent H100/H200 (benchmarks/README.md, "On a lent GPU
-# machine"): the fused kernels' tests on CUDA, then SD 2.1 and SDXL UNets eager, replayed from
-# CUDA graphs and compiled. Installs nothing; ends within 565 s (the lent machine's command
-# limit is 600 s, and the wheels' install comes before it).
+# machine"): the fused kernels' tests on CUDA, then SD 2.1 and SDXL UNets eager and replayed from
+# CUDA graphs, diffusion transformers (PixArt, SD3, Flux at 512/1024, Wan 480p 9/33 frames: one
+# forward, real widths with a few blocks, stock vs MaMe defaults vs merging every call vs a ToMe
+# bipartite peer; about 90 s), then the UNet compiled. Installs nothing; ends within 565 s (the
+# lent machine's command limit is 600 s, and the wheels' install comes before it).
 #
 #   bash benchmarks/gpu.sh OUT_DIR [gpu_benchmark.py options, e.g. --only "kernel tests,768 b2"]
 #
@@ -15,6 +17,7 @@
 #
 # Needs torch with CUDA, triton, pytest, diffusers and transformers importable (tomesd and
 # scikit-image are optional). Check it anywhere: bash benchmarks/gpu.sh /tmp/gpu --quick --device cpu
+# (the DiT sections alone, tiny, in seconds: add --only dit).
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR [gpu_benchmark.py options]}"
 shift

@@ -12,7 +12,16 @@ that a crash or the time limit loses only the section that was running):
    SDXL at 1024 batch 2, then SD 2.1 at 2048 batch 2. Eager: each method's patched copy
    called as a pipeline calls it. Graphs: each copy's call recorded once into a CUDA graph
    (``torch.cuda.graph``) and replayed, as a pipeline with CUDA graphs runs it.
-3. **compiled**: ``torch.compile`` (default mode) at SD 2.1 768 b2: the fused default (MaMe
+3. **diffusion transformers** (about 2 minutes budgeted): one transformer forward, eager, batch
+   1, random weights at the real widths with a few blocks (``mame_diffusers.benchmarking.dit``):
+   PixArt-α (4 blocks) and SD3-medium (3 blocks) in fp16, Flux.1 (1 double + 1 single block)
+   in bf16, each at 512² and 1024²; Wan 2.1 1.3B (2 blocks) in bf16 at 480p, 9 and 33 frames.
+   Methods: ``stock``, ``MaMe defaults`` (``apply_mame(transformer)``: on CUDA, calls under
+   ``DEFAULT_DIT_MIN_IMAGE_TOKENS`` image tokens stay unmerged), ``MaMe min_image_tokens=0``
+   (merging every call) and the ToMe bipartite peer at MaMe's place and merged count (merging
+   every call; tomesd's matching). Where merging every call starts to beat stock gives
+   ``DEFAULT_DIT_MIN_IMAGE_TOKENS`` (``mame_diffusers/dit_integration/config.py``).
+4. **compiled**: ``torch.compile`` (default mode) at SD 2.1 768 b2: the fused default (MaMe
    triton, or MaMe torch where there are no triton rows), stock, then MaMe torch (compiling
    takes a minute or more each: last, and the first to be skipped).
 
@@ -40,7 +49,7 @@ stops the run at the budget's end whatever is running, and ``gpu.sh``'s ``timeou
 hard stop behind it. A section that raises is recorded with its error and the run goes on.
 ``--quick`` maps every setting to tiny models, to check the script on any machine.
 
-To add sections (diffusion transformers, say): :meth:`Benchmark.plan` lists ``Section``s
+To add sections: :meth:`Benchmark.plan` lists ``Section``s
 (name, estimated seconds, what it runs, the model it holds); rows carry ``mode``,
 ``setting``, ``latent_tokens`` and ``method``, from which the tables and thresholds are built.
 """
@@ -70,11 +79,22 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 from mame_diffusers import MaMeConfig  # noqa: E402
+from mame_diffusers.benchmarking.dit import (  # noqa: E402
+    QUICK as DIT_QUICK,
+    SUBJECTS as DIT_SUBJECTS,
+    call_dit,
+    dit_inputs,
+    dit_methods,
+    latent_size,
+    merged_tokens,
+    peer_method,
+)
 from mame_diffusers.benchmarking.profiling import profile_call  # noqa: E402
 from mame_diffusers.benchmarking.report import environment, markdown_table, package_version, write_report  # noqa: E402
 from mame_diffusers.benchmarking.timing import synchronize  # noqa: E402
 from mame_diffusers.benchmarking.unet import call_like_a_pipeline, compare_unet_copies, patched_copies  # noqa: E402
 from mame_diffusers.defaults import DEFAULT_MIN_LATENT_TOKENS  # noqa: E402
+from mame_diffusers.dit_integration import DEFAULT_DIT_MIN_IMAGE_TOKENS, DiTMaMeConfig, transformer_inputs  # noqa: E402
 from mame_diffusers.merging import kernels  # noqa: E402
 from mame_diffusers.methods import Method, baseline, mame, tomesd_method  # noqa: E402
 from mame_diffusers.offline import build_unet, unet_inputs  # noqa: E402
@@ -98,6 +118,10 @@ TORCH = "MaMe torch"
 TRITON = "MaMe triton"
 KV_ONLY = "MaMe kv-only"
 MODES = ("eager", "graphs", "compiled")
+#: The mode of the diffusion transformers' rows (eager calls), and their methods.
+DIT_MODE = "dit"
+DIT_EVERY = "MaMe min_image_tokens=0"
+DIT_PEER = "ToMe bipartite"
 #: A speed-up above this counts as beating stock.
 WIN = 1.0
 
@@ -165,6 +189,61 @@ def unet_settings(quick: bool) -> list[Setting]:
         Setting("sd21", 1024, 8, 0.16, 0.13),
         Setting("sdxl", 1024, 2, 0.10, 0.05),
         Setting("sd21", 2048, 2, 0.30, 0.25, 1, 5, 6),
+    ]
+
+
+@dataclass(frozen=True)
+class DiTSetting:
+    """A diffusion transformer at one size (batch 1): what a DiT section times."""
+
+    family: str  # pixart, sd3, flux, wan (mame_diffusers.benchmarking.dit.SUBJECTS)
+    resolution: int  # pixels: the image side; Wan: the frame height (480p: 480 x 832)
+    dtype: str  # on CUDA; float32 elsewhere
+    per_call: float  # estimated seconds of one eager call (methods averaged)
+    setup: float = 0.0  # building the family's copies (its first section)
+    frames: int | None = None
+    warmup: int = 3
+    repeats: int = 12
+
+    @property
+    def label(self) -> str:
+        name = {"pixart": "PixArt", "sd3": "SD3", "flux": "Flux", "wan": "Wan"}[self.family]
+        if self.frames:
+            return f"{name} {self.resolution}p {self.frames}f"
+        return f"{name} {self.resolution}"
+
+    @property
+    def model(self) -> str:
+        """The pool of patched copies it uses (one per family)."""
+        return f"dit-{self.family}"
+
+    @property
+    def latent(self) -> tuple[int, ...]:
+        return latent_size(self.family, self.resolution, self.frames)
+
+
+def dit_settings(quick: bool) -> list[DiTSetting]:
+    """The DiT sections' settings, in the order they run. Estimates (not yet measured: about
+    twice what the FLOPs suggest on an H200, methods averaged; fp16 PixArt and SD3, bf16 Flux
+    and Wan, as their pipelines run): about 90 s in all, most of it building each family's four
+    copies and its first calls."""
+    if quick:  # tiny configs: hundredths of a second a call on a CPU
+        return [
+            DiTSetting("pixart", 128, "float16", 0.02, 1),
+            DiTSetting("pixart", 256, "float16", 0.02),
+            DiTSetting("sd3", 256, "float16", 0.02, 1),
+            DiTSetting("flux", 256, "bfloat16", 0.02, 1),
+            DiTSetting("wan", 128, "bfloat16", 0.05, 1, frames=5),
+        ]
+    return [
+        DiTSetting("pixart", 512, "float16", 0.008, 15),
+        DiTSetting("pixart", 1024, "float16", 0.015),
+        DiTSetting("sd3", 512, "float16", 0.010, 15),
+        DiTSetting("sd3", 1024, "float16", 0.020),
+        DiTSetting("flux", 512, "bfloat16", 0.012, 20),
+        DiTSetting("flux", 1024, "bfloat16", 0.025),
+        DiTSetting("wan", 480, "bfloat16", 0.015, 15, frames=9),
+        DiTSetting("wan", 480, "bfloat16", 0.050, frames=33),
     ]
 
 
@@ -376,7 +455,24 @@ class Report:
                 suggested[key] = result[mode][result[mode]["fused default"]]["min_latent_tokens"]
         result["suggested DEFAULT_MIN_LATENT_TOKENS"] = suggested
         result["shipped DEFAULT_MIN_LATENT_TOKENS"] = dict(DEFAULT_MIN_LATENT_TOKENS)
+        dit = self.dit_thresholds()
+        if dit:
+            result[DIT_MODE] = dit
         return result
+
+    def dit_thresholds(self) -> dict[str, Any]:
+        """Where MaMe merging every call beats stock on the DiTs, by image tokens (batch 1):
+        over every family measured (one threshold ships for all), and per family."""
+        rows = [r for r in self.rows if r["mode"] == DIT_MODE and r["method"] == DIT_EVERY and r.get("speedup")]
+        if not rows:
+            return {}
+        found = {"all families": crossover([(r["latent_tokens"], r["speedup"]) for r in rows])}
+        for family in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == family]
+            found[family] = crossover([(r["latent_tokens"], r["speedup"]) for r in mine])
+            found[family]["settings"] = {r["setting"]: [r["latent_tokens"], r["speedup"]] for r in mine}
+        found["shipped DEFAULT_DIT_MIN_IMAGE_TOKENS"] = dict(DEFAULT_DIT_MIN_IMAGE_TOKENS)
+        return found
 
     def kernels_of(self, row: dict[str, Any]) -> int | None:
         """Kernels one forward of ``row``'s method launches: its profile (eager ones serve the
@@ -428,6 +524,8 @@ class Report:
         if not rows:
             return ""
         columns = ["setting", "method", "median ms", "min-max ms", "speedup", "error", "kernels"]
+        if mode == DIT_MODE:  # not profiled; merged lengths and dtypes instead
+            columns[-1:] = ["tokens per block", "dtype"]
         columns += ["vs eager stock", "compile s"] if mode == "compiled" else ([] if mode == "graphs" else ["peak MiB"])
         if any(r.get("failed") for r in rows):
             columns.append("failed")
@@ -454,6 +552,21 @@ class Report:
         if not rows:
             return ""
         return markdown_table(rows, ["mode", "method", "from tokens", "first win", "speed-ups"])
+
+    def dit_threshold_table(self) -> str:
+        found = self.payload["thresholds"].get(DIT_MODE, {})
+        rows = [
+            {
+                "families": name,
+                "from tokens": item["min_latent_tokens"],
+                "first win": item["first_win"],
+                "speed-ups": "; ".join(f"{t}: {x:.2f}x" for t, x in item["points"]),
+                "verdict": item["verdict"],
+            }
+            for name, item in found.items()
+            if isinstance(item, dict) and "verdict" in item
+        ]
+        return markdown_table(rows, ["families", "from tokens", "first win", "speed-ups", "verdict"]) if rows else ""
 
     def profiles_table(self) -> str:
         columns = ["setting", "mode", "method", "kernels", "kernel_ms", "attention_share", "wall_ms"]
@@ -483,6 +596,8 @@ class Report:
             f"- kernel tests: {tests.get('status', 'not run')}" + (f" ({counts})" if counts else "")
             + (f"; {failures}" if failures else ""),
             f"- MaMe defaults: {setup['mame_defaults']}; shipped DEFAULT_MIN_LATENT_TOKENS {DEFAULT_MIN_LATENT_TOKENS}",
+            f"- MaMe on DiTs: {setup['dit_defaults']}; shipped DEFAULT_DIT_MIN_IMAGE_TOKENS "
+            f"{DEFAULT_DIT_MIN_IMAGE_TOKENS}",
             f"- latents: {setup['latents']}; random weights from the shipped configs",
             f"- command: `{env.get('command')}`",
         ]
@@ -508,6 +623,22 @@ class Report:
         for mode in MODES:
             if self.summary_table(mode):
                 parts += ["", captions[mode], "", self.summary_table(mode), "", self.details_table(mode)]
+        if self.summary_table(DIT_MODE):
+            parts += [
+                "", "## Diffusion transformers, eager: speed-up over stock (error vs stock)", "",
+                "One transformer forward at batch 1, random weights at the real widths with a few blocks (PixArt-α 4 "
+                "blocks, SD3-medium 3, Flux.1 1 double + 1 single, Wan 2.1 1.3B 2), photo latents; fp16 PixArt and "
+                "SD3, bf16 Flux and Wan. tokens: image tokens per call (after patching). MaMe defaults leave calls "
+                f"under {DEFAULT_DIT_MIN_IMAGE_TOKENS.get('cuda')} image tokens unmerged on CUDA; "
+                f"{DIT_EVERY} and the peer merge every call.",
+                "", self.summary_table(DIT_MODE), "", self.details_table(DIT_MODE),
+            ]
+            if self.dit_threshold_table():
+                parts += [
+                    "", "## Where merging pays on DiTs (for DEFAULT_DIT_MIN_IMAGE_TOKENS)", "",
+                    f"from tokens: the smallest image-token count from which {DIT_EVERY} beats stock at every larger "
+                    "size measured (all families together, and per family).", "", self.dit_threshold_table(),
+                ]
         if self.profiles_table():
             parts += [
                 "", "## Profiled forwards", "",
@@ -538,6 +669,14 @@ class Report:
             f"- suggested DEFAULT_MIN_LATENT_TOKENS (defaults.py): {thresholds['suggested DEFAULT_MIN_LATENT_TOKENS']}"
             f" (shipped: {DEFAULT_MIN_LATENT_TOKENS}; None: the fused default beat stock at no size up to the largest)"
         )
+        if self.summary_table(DIT_MODE):
+            parts += ["", "## diffusion transformers: speed-up (error)", self.summary_table(DIT_MODE)]
+        for name, item in thresholds.get(DIT_MODE, {}).items():
+            if isinstance(item, dict) and "verdict" in item:
+                parts.append(f"- DiTs, {DIT_EVERY}, {name}: from {item['min_latent_tokens']} image tokens; "
+                             f"{item['verdict']}")
+        if DIT_MODE in thresholds:
+            parts.append(f"- shipped DEFAULT_DIT_MIN_IMAGE_TOKENS: {DEFAULT_DIT_MIN_IMAGE_TOKENS}")
         return "\n".join(parts + [""] + [f"- {n}" for n in dict.fromkeys(self.payload["notes"])])
 
 
@@ -576,6 +715,7 @@ class Benchmark:
                 "quick": self.quick,
                 "latents": "not yet drawn",
                 "mame_defaults": repr(MaMeConfig()),
+                "dit_defaults": repr(DiTMaMeConfig()),
                 "mame_variants": args.mame_variant,
                 "compile_backend": args.compile_backend,
             },
@@ -630,6 +770,26 @@ class Benchmark:
             del base
         return self.pools[model]
 
+    def dit_pool(self, setting: DiTSetting) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+        """One patched copy per DiT method of ``setting``'s family (its real width, a few blocks;
+        tiny with --quick), built once for the family's sections."""
+        if setting.model not in self.pools:
+            self.free()
+            subject = (DIT_QUICK if self.quick else DIT_SUBJECTS)[setting.family]
+            dtype = getattr(torch, setting.dtype) if self.on_cuda else torch.float32
+            base = subject.build(dtype=dtype, device=self.device)
+            stock, defaults = dit_methods()
+            methods = [replace(stock, name=STOCK), replace(defaults, name=DEFAULTS),
+                       replace(dit_methods(min_image_tokens=0)[1], name=DIT_EVERY)]
+            peer = peer_method(min_image_tokens=0)
+            if peer is None:
+                self.note("tomesd is not installed: no ToMe bipartite rows on the DiTs")
+            else:
+                methods.append(replace(peer, name=DIT_PEER))
+            self.pools[setting.model] = patched_copies(base, methods)
+            del base
+        return self.pools[setting.model]
+
     def inputs(self, setting: Setting, model: torch.nn.Module) -> dict[str, Any]:
         """The UNet call's inputs, with photo latents where scikit-image is importable (merging
         then sees real image statistics), else seeded noise (the same cost)."""
@@ -663,7 +823,12 @@ class Benchmark:
 
     def plan(self) -> list[Section]:
         """Every section, in order; extend here (e.g. diffusion transformers)."""
-        return [*self.test_sections(), *self.unet_sections(unet_settings(self.quick)), *self.compiled_sections()]
+        return [
+            *self.test_sections(),
+            *self.unet_sections(unet_settings(self.quick)),
+            *self.dit_sections(dit_settings(self.quick)),
+            *self.compiled_sections(),
+        ]
 
     def test_sections(self) -> list[Section]:
         return [Section("kernel tests", KERNEL_TESTS_ESTIMATE if self.on_cuda else 2, self.kernel_tests)]
@@ -688,6 +853,14 @@ class Benchmark:
             graphs = 2 + recording + s.per_call + (s.warmup + s.graph_repeats) * methods * s.replay
             sections.append(Section(f"eager {s.label}", eager, lambda s=s: self.timing(s, "eager"), s.model))
             sections.append(Section(f"graphs {s.label}", graphs, lambda s=s: self.timing(s, "graphs"), s.model))
+        return sections
+
+    def dit_sections(self, settings: list[DiTSetting]) -> list[Section]:
+        """One section per DiT setting; the first of a family builds its copies."""
+        sections = []
+        for s in settings:
+            estimate = s.setup + 1 + (s.warmup + s.repeats + 2) * 4 * s.per_call  # 4 methods, + 2 untimed calls each
+            sections.append(Section(f"dit {s.label}", estimate, lambda s=s: self.dit_timing(s), s.model))
         return sections
 
     def compiled_sections(self) -> list[Section]:
@@ -869,7 +1042,38 @@ class Benchmark:
             counts = self.report.payload["kernels"].get(setting.model, {})
             self.log("  kernels per forward: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    # 3. torch.compile.
+    # 3. Diffusion transformers.
+
+    def dit_timing(self, setting: DiTSetting) -> None:
+        """Each method's copy of ``setting``'s DiT, eagerly, round by round, at batch 1."""
+        models, patch_errors = self.dit_pool(setting)
+        stock = models[STOCK]
+        subject = (DIT_QUICK if self.quick else DIT_SUBJECTS)[setting.family]
+        try:
+            inputs = dit_inputs(stock, setting.latent, text_length=subject.text)
+            self._latents_kind.add("photo (scikit-image photographs, fixed projection)")
+        except ImportError:
+            inputs = transformer_inputs(stock, setting.latent, text_length=subject.text)
+            self._latents_kind.add("seeded noise (scikit-image not importable)")
+        self.report.payload["setup"]["latents"] = " and ".join(sorted(self._latents_kind))
+        tokens = merged_tokens(stock, inputs)
+        rows = compare_unet_copies(models, inputs, repeats=setting.repeats, warmup=setting.warmup, call=call_dit)
+        rows += [{"method": name, "failed": message} for name, message in patch_errors.items()]
+        threshold = DiTMaMeConfig().token_threshold(self.device)
+        for row in rows:
+            row.update(mode=DIT_MODE, setting=setting.label, model=setting.family, resolution=setting.resolution,
+                       frames=setting.frames, batch=1, latent_tokens=tokens,
+                       dtype=str(next(stock.parameters()).dtype).replace("torch.", ""))
+            if row["method"] in models and not row.get("failed"):
+                row["tokens per block"] = merged_tokens(models[row["method"]], inputs)
+            if row["method"] == DEFAULTS:
+                row["merged"] = tokens >= threshold
+        self.report.rows.extend(rows)
+        stock_ms = next((_ms(r.get("seconds")) for r in rows if r["method"] == STOCK), None) or float("nan")
+        self.log(f"  {tokens} image tokens; stock {stock_ms:.1f} ms | "
+                 + " | ".join(f"{r['method']} {_cell(r)}" for r in rows[1:]))
+
+    # 4. torch.compile.
 
     def compiled(self, setting: Setting, name: str) -> None:
         """``torch.compile`` (default mode) of ``name``'s copy: its first call (compiling),
