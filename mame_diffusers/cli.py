@@ -147,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=_positive, default=3, help="timed UNet (or transformer) calls per method (median)"
     )
     bench.add_argument(
-        "--steps", type=_positive, default=2, help="denoising steps in each timed pipeline call (UNets)"
+        "--steps", type=_positive, default=None, help="UNets: denoising steps in each timed pipeline call (default: 2)"
     )
     bench.add_argument(
-        "--pipeline-rounds", type=_positive, default=2, help="timed pipeline calls per method (median; UNets)"
+        "--pipeline-rounds",
+        type=_positive,
+        default=None,
+        help="UNets: timed pipeline calls per method, median (default: 2)",
     )
-    bench.add_argument("--no-pipeline", action="store_true", help="time the UNet only (DiTs: always)")
+    bench.add_argument("--no-pipeline", action="store_true", help="UNets: time the UNet only (DiTs always do)")
     bench.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet (each method compiled; UNets only)"
     )

@@ -61,6 +61,11 @@ def test_arch_names_match_the_dit_benchmark():
         (["bench", "--arch", "flux", "--model", "/some/folder"], "drop --arch"),
         (["bench", "--arch", "sd21", "--model", "/some/folder"], "drop --arch"),
         (["bench", "--arch", "pixart", "--quick", "--compile"], "--compile applies to UNets"),
+        (["bench", "--arch", "flux", "--quick", "--steps", "3"], "--steps applies to UNets"),
+        (
+            ["bench", "--arch", "wan", "--quick", "--no-pipeline", "--pipeline-rounds", "2"],
+            "--pipeline-rounds, --no-pipeline apply to UNets",
+        ),
         (["bench", "--arch", "flux", "--quick", "--frames", "9"], "--frames applies to video models"),
         (["bench", "--quick", "--frames", "9"], "--frames applies to video models"),
         (["bench", "--arch", "wan", "--quick", "--frames", "8"], "frames must be 4k + 1"),

@@ -201,23 +201,28 @@ def run_bench(args, device: torch.device) -> list[Path]:
     resolution = resolve_resolution(args.resolution, family, args.quick)
     frames = resolve_frames(getattr(args, "frames", None), family, 17 if args.quick else 33)
     if family != "unet":
-        if args.compile:
+        unet_only = {"--compile": args.compile, "--steps": args.steps is not None,
+                     "--pipeline-rounds": args.pipeline_rounds is not None, "--no-pipeline": args.no_pipeline}
+        given = [name for name, set_ in unet_only.items() if set_]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
             raise UsageError(
-                "--compile applies to UNets; a diffusion transformer's forward is timed eagerly here "
-                "(benchmarks/gpu.sh times DiTs on a GPU)"
+                f"{', '.join(given)} {verb} to UNets; a diffusion transformer's forward is timed eagerly, with no "
+                "pipeline calls (benchmarks/gpu.sh times DiTs on a GPU)"
             )
         from .dit import run_dit_bench
 
         return run_dit_bench(args, device, dtype, resolution, frames)
     pipe = load_pipeline(args.model, quick=args.quick, device=device, dtype=dtype, seed=args.seed)
-    steps = None if args.no_pipeline else args.steps
+    steps = None if args.no_pipeline else (args.steps or 2)
+    pipeline_rounds = args.pipeline_rounds or 2
     rows = benchmark(
         pipe,
         resolution=resolution,
         ratios=args.ratios or [DEFAULT_RATIO],
         repeats=args.repeats,
         steps=steps,
-        pipeline_rounds=args.pipeline_rounds,
+        pipeline_rounds=pipeline_rounds,
         compile=args.compile,
         seed=args.seed,
     )
@@ -232,7 +237,7 @@ def run_bench(args, device: torch.device) -> list[Path]:
     )
     if steps:
         legend += (
-            f"; pipeline = median of {args.pipeline_rounds} {steps}-step calls (prompt encoding + denoising, "
+            f"; pipeline = median of {pipeline_rounds} {steps}-step calls (prompt encoding + denoising, "
             "decoding left out), latent_error vs the baseline's final latents"
         )
     print(legend + ".\n")
@@ -249,7 +254,7 @@ def run_bench(args, device: torch.device) -> list[Path]:
             "batch": 2,
             "repeats": args.repeats,
             "pipeline_steps": steps,
-            "pipeline_rounds": args.pipeline_rounds if steps else None,
+            "pipeline_rounds": pipeline_rounds if steps else None,
             "compile": args.compile,
         },
         "rows": rows,
