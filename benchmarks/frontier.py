@@ -13,10 +13,11 @@ same weights' shape, so they are measured once). Methods:
   also merging cross-attention and MLP tokens (``merge_crossattn``, ``merge_mlp``);
 - ToDo-style keys/values pooling at the key/value length of MaMe's keys/values-only merge;
 - MaMe keys/values only (``keys_values_only=True``) at 0.75;
-- MaMe + MaRe at ratios 0.5, 0.75 and 0.9, with the query share of the default (1: queries,
-  keys and values merge alike) and with 0.5 (queries merge less, keys and values more, at
-  the same attention cost; ``mame_diffusers.benchmarking.variants``), and at the default
-  ratio with a plan for every self-attention instead of one per UNet level.
+- MaMe + MaRe at ratios 0.5, 0.75 and 0.9, with the query share of the default (0.5: queries
+  merge to ``N (1 - ratio)**0.5``, keys and values to ``N (1 - ratio)**1.5``) and with 1
+  (queries, keys and values merge alike, at the same attention cost;
+  ``mame_diffusers.benchmarking.variants``), and at the default ratio with a plan for every
+  self-attention instead of one per UNet level.
 
 A method is on the frontier when no other measured method is both faster and more faithful.
 
@@ -59,7 +60,7 @@ def methods(ratios: tuple[float, ...] = (0.5, 0.75, 0.9)) -> list[Method]:
     found.append(dataclasses.replace(kv_only, name="MaMe keys/values only (ratio=0.75)"))
     for ratio in ratios:
         found.append(mame() if ratio == MaMeConfig().ratio else mame(ratio=ratio))
-        found.append(mame_with_query_share(ratio, 0.5))
+        found.append(mame_with_query_share(ratio, 1.0))
     found.append(mame_planning_every_block(MaMeConfig().ratio))
     return [method for method in found if method is not None]
 

@@ -7,8 +7,9 @@ random weights, whose attention is nearly uniform (entropy 0.99 of ``log N``). T
 sharpened setting scales its query and key projections until the entropy is ``--entropy``
 of ``log N``, as in trained models. Every row at one ratio costs the same attention (queries
 x keys = M x M, M = N (1 - ratio)): tomesd merges queries, keys and values to M; MaMe + MaRe
-too (the default); MaMe ``keys_values_only`` and ToDo-style pooling keep every query and
-attend to M^2 / N keys. Error: relative error of the layer output against full attention,
+(the default) merges queries to ``N (1 - ratio)**0.5`` and keys and values to ``N (1 -
+ratio)**1.5`` (query share 0.5), or all three to M (query share 1); MaMe
+``keys_values_only`` and ToDo-style pooling keep every query and attend to M^2 / N keys. Error: relative error of the layer output against full attention,
 averaged over the photos, and as a multiple of tomesd's at the same M. Times: batch 2 (a
 classifier-free-guidance pair), ratio ``--time-ratio``, methods interleaved round by round.
 
@@ -42,14 +43,17 @@ METHODS = {
     "tomesd": (lambda ratio: tomesd_attention(), lambda ratio, m: m),
     "pool/unpool": (lambda ratio: pool_attention, lambda ratio, m: m),
     "ToDo K/V pooling": (kv_pool_at_mame_length, lambda ratio, m: mame_kv_length(ratio)),
-    "MaMe (default: MaMe + MaRe)": (lambda ratio: mame_attention(ratio=ratio), lambda ratio, m: m),
+    "MaMe (default: MaMe + MaRe)": (
+        lambda ratio: mame_attention(ratio=ratio),
+        lambda ratio, m: merge_layout((64, 64), MaMeConfig(ratio=ratio).kv_ratio).num_merged,
+    ),
     "MaMe keys/values only": (
         lambda ratio: mame_attention(ratio=ratio, keys_values_only=True),
         lambda ratio, m: mame_kv_length(ratio),
     ),
-    "MaMe, query share 0.5": (
-        lambda ratio: mame_attention(QueryShareConfig(ratio=ratio, share=0.5, min_latent_tokens=0)),
-        lambda ratio, m: merge_layout((64, 64), QueryShareConfig(ratio=ratio, share=0.5).kv_ratio).num_merged,
+    "MaMe, query share 1": (
+        lambda ratio: mame_attention(QueryShareConfig(ratio=ratio, share=1.0, min_latent_tokens=0)),
+        lambda ratio, m: merge_layout((64, 64), QueryShareConfig(ratio=ratio, share=1.0).kv_ratio).num_merged,
     ),
     "MaMe, blocks of 8": (lambda ratio: mame_attention(ratio=ratio, block=8), lambda ratio, m: m),
     "MaMe, one block (global)": (lambda ratio: mame_attention(ratio=ratio, block=None), lambda ratio, m: m),

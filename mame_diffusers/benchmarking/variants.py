@@ -1,8 +1,8 @@
 """Settings the library does not offer, measured to show why (docs/frontier.md):
 
 - another query share: how the attention budget splits between merged queries and merged
-  keys and values, in log terms, is fixed in the library (``defaults.QUERY_SHARE``; 0 with
-  ``keys_values_only=True``);
+  keys and values, in log terms, is fixed in the library (``defaults.QUERY_SHARE``, 0.5; 0
+  with ``keys_values_only=True``);
 - a plan per self-attention: the library plans once per UNet level and forward, and the
   other blocks of the level merge and restore with that plan.
 """
@@ -17,7 +17,7 @@ from ..diffusers_integration import (
     remove_mame_from_unet,
     self_attention_modules,
 )
-from ..methods import Method, share_of_tokens
+from ..methods import Method, mame, share_of_tokens
 
 __all__ = ["QueryShareConfig", "mame_planning_every_block", "mame_with_query_share"]
 
@@ -56,4 +56,5 @@ def mame_planning_every_block(ratio: float) -> Method:
             processor = attention.processor
             processor._plan = lambda tokens, hw, name, _config=config: _config.plan_on(tokens, _config.layout(hw, name))
 
-    return Method(f"MaMe (ratio={ratio}, a plan per block)", patch, remove_mame_from_unet, {"ratio": ratio})
+    attends = mame(ratio=ratio).attends
+    return Method(f"MaMe (ratio={ratio}, a plan per block)", patch, remove_mame_from_unet, {"ratio": ratio}, attends)

@@ -41,8 +41,10 @@ class MaMeConfig(OperatorSettings):
     before the residual add. Measured reasons for every default: ``docs/frontier.md``.
 
     Important:
-        ratio: the attention budget, as tomesd's ratio: with ``M = N (1 - ratio)`` merged
-            queries, keys and values, attention costs ``M x M``. Higher is faster and less
+        ratio: the attention budget, as tomesd's ratio: attention costs as much as over
+            ``M = N (1 - ratio)`` tokens, ``M x M``. Queries merge to ``N (1 - ratio)**0.5``
+            and keys and values to ``N (1 - ratio)**1.5`` (query share 0.5: more faithful
+            than merging all three to ``M`` at the same cost). Higher is faster and less
             faithful.
         max_downsample: which attention levels merge, counted from the highest-resolution
             level that has attention: ``1`` only that one (SD 1.x/2.x: the full latent
