@@ -76,7 +76,7 @@ def bench_methods(ratios: Sequence[float]) -> list[Method]:
 
 
 def time_pipeline(
-    pipe, methods: list[Method], *, resolution: int, steps: int, seed: int, rounds: int = 2
+    pipe, methods: list[Method], *, resolution: int, steps: int, seed: int, rounds: int = 2, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Pipeline calls, ``rounds`` per method, the methods taking turns round by round (after
     the UNet runs warmed everything up); the median call counts.
@@ -97,7 +97,9 @@ def time_pipeline(
             output_type="latent",
         ).images
 
-    rows = compare_unet(pipe.unet, {}, methods, repeats=rounds, warmup=0, call=call, desc="pipeline calls")
+    rows = compare_unet(
+        pipe.unet, {}, methods, repeats=rounds, warmup=0, call=call, desc="pipeline calls", progress=progress
+    )
     return [
         {
             "method": row["method"],
@@ -120,9 +122,10 @@ def benchmark(
     pipeline_rounds: int = 2,
     compile: bool = False,
     seed: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Baseline vs MaMe vs its peers on ``pipe`` (:func:`bench_methods`): UNet calls, then
-    (``steps``) pipeline calls."""
+    (``steps``) pipeline calls; ``progress``: tqdm bars (off for a saved notebook)."""
     inputs = _unet_inputs(pipe, resolution, seed)
     methods = bench_methods(ratios)
     call = None
@@ -132,10 +135,12 @@ def benchmark(
         def call(model, kwargs):
             return call_like_a_pipeline(compiled, kwargs)
 
-    rows = compare_unet(pipe.unet, inputs, methods, repeats=repeats, warmup=1, call=call)
+    rows = compare_unet(pipe.unet, inputs, methods, repeats=repeats, warmup=1, call=call, progress=progress)
     if steps:
         by_name = {row["method"]: row for row in rows}
-        timed = time_pipeline(pipe, methods, resolution=resolution, steps=steps, seed=seed, rounds=pipeline_rounds)
+        timed = time_pipeline(
+            pipe, methods, resolution=resolution, steps=steps, seed=seed, rounds=pipeline_rounds, progress=progress
+        )
         for extra in timed:
             by_name[extra["method"]].update(extra)
     return rows
@@ -292,7 +297,15 @@ def plot_latency(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
 
 
 def generate_grid(
-    pipe, methods: list[Method], *, prompt: str, resolution: int, steps: int, seed: int, frames: int | None = None
+    pipe,
+    methods: list[Method],
+    *,
+    prompt: str,
+    resolution: int,
+    steps: int,
+    seed: int,
+    frames: int | None = None,
+    progress: bool = True,
 ):
     """One image per method, same seed, side by side with the method's name above each
     (a video's first frame)."""
@@ -300,7 +313,7 @@ def generate_grid(
 
     tiles = []
     target = patch_target(pipe)
-    for method in tqdm(methods, desc="generating"):
+    for method in tqdm(methods, desc="generating", disable=not progress):
         method.patch(target)
         try:
             generator = torch.Generator().manual_seed(seed)
