@@ -7,6 +7,7 @@ unmerged UNet, so settings can be compared at equal speed or at equal fidelity.
 
     python benchmarks/unet_fidelity.py --sweep sd21 --resolution 768
     python benchmarks/unet_fidelity.py --sweep sdxl --resolution 1024 --repeats 5
+    python benchmarks/unet_fidelity.py --sweep sdxl-defaults --resolution 1024 --repeats 5
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ SWEEPS = {
         mame(),
         mame(max_downsample=1),
         mame(keys_values_only=True),
+    ],
+    # The defaults' SDXL check: the default, without its deep-stack merge, and tomesd's peer.
+    "sdxl-defaults": lambda: [
+        tomesd_method(0.5, max_downsample=2),
+        mame(),
+        mame(stack_ratio=0.0),
     ],
     "sdxl": lambda: [
         tomesd_method(0.5, max_downsample=2),
