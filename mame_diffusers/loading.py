@@ -22,6 +22,7 @@ __all__ = [
     "call_arguments",
     "check_generates",
     "denoiser_family",
+    "first_line",
     "frame_size",
     "generate_family",
     "index_family",
@@ -76,7 +77,7 @@ def pipeline_index(model: str) -> dict:
     try:
         return DiffusionPipeline.load_config(model)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from error
+        raise UsageError(f"cannot load model {model!r}: {first_line(error)}") from error
 
 
 def index_family(index: dict) -> str | None:
@@ -213,7 +214,8 @@ def _dtype_keyword() -> str:
     return "dtype"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception's first line, for a one-line error (its type's name when it has no text)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -241,7 +243,7 @@ def load_pipeline(model: str | None, *, quick: bool, device: torch.device, dtype
             # dtype, with the keyword this diffusers takes.
             pipe = pipeline_class.from_pretrained(model, **options)
         except (OSError, ValueError) as error:
-            raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from error
+            raise UsageError(f"cannot load model {model!r}: {first_line(error)}") from error
     else:
         # Built on the device in the dtype: no cast afterwards (diffusers warns on every one).
         components = offline_pipeline_components("tiny" if quick else "sd21", seed=seed, device=device, dtype=dtype)

@@ -12,7 +12,6 @@ merging sees smooth regions, edges and texture.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ from ..dit_integration import TokenGrid, build_transformer, transformer_inputs
 from ..loading import frame_size
 from ..dit_integration import blocks as dit_blocks
 from ..methods import Method, share_of_tokens
-from .photos import load_photo
+from .photos import load_photo, photo_latents, project_photo
 
 __all__ = [
     "DIT_ARCHS",
@@ -126,31 +125,12 @@ def latent_size(family: str, resolution: int, frames: int | None = None) -> tupl
 # -- inputs with the statistics of photographs ---------------------------------------------------------
 
 
-def _projection(channels: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(3 * 64, channels, generator=generator) / 8 / math.sqrt(3)
-
-
-def _project(photo: torch.Tensor, channels: int) -> torch.Tensor:
-    """``(3, 8h, 8w)`` photo -> ``(channels, h, w)``: 8 x 8 patches by a fixed random projection."""
-    height, width = photo.shape[-2] // 8, photo.shape[-1] // 8
-    patches = F.unfold(photo[None], kernel_size=8, stride=8).transpose(1, 2)[0]
-    patches = patches - patches.mean(dim=0, keepdim=True)
-    return (patches @ _projection(channels)).T.reshape(channels, height, width)
-
-
-def photo_latents(name: str, hw: tuple[int, int], channels: int) -> torch.Tensor:
-    """``(1, channels, h, w)`` standardised latents with a photo's spatial statistics."""
-    latents = _project(load_photo(name, (8 * hw[0], 8 * hw[1])), channels)
-    return ((latents - latents.mean()) / latents.std())[None]
-
-
 def panning_latents(name: str, size: tuple[int, int, int], channels: int, step: int = 1) -> torch.Tensor:
     """``(1, channels, frames, h, w)``: a pan across a photo, ``step`` latent pixels per latent
     frame (a Wan latent frame is 4 video frames)."""
     frames, height, width = size
     wide = load_photo(name, (8 * height, 8 * (width + step * (frames - 1))))
-    clips = [_project(wide[:, :, 8 * step * t: 8 * step * t + 8 * width], channels) for t in range(frames)]
+    clips = [project_photo(wide[:, :, 8 * step * t: 8 * step * t + 8 * width], channels) for t in range(frames)]
     video = torch.stack(clips, dim=1)
     return ((video - video.mean()) / video.std())[None]
 
@@ -310,7 +290,7 @@ def describe(model: torch.nn.Module) -> str:
 def run_dit_bench(args, device: torch.device, dtype: torch.dtype, resolution: int, frames: int | None) -> list[Path]:
     """``mame-diffusers bench`` on a DiT: stock vs MaMe on one transformer forward (batch 1),
     methods taking turns round by round; JSON, Markdown and a bar chart in ``--out``."""
-    from ..loading import UsageError, load_pipeline
+    from ..loading import UsageError, first_line, load_pipeline
     from .report import environment, write_report
     from .runs import bench_table, bench_warnings, plot_latency
     from .unet import compare_unet
@@ -335,8 +315,7 @@ def run_dit_bench(args, device: torch.device, dtype: torch.dtype, resolution: in
     try:
         tokens_in = merged_tokens(model, inputs)  # also checks that the model runs at this size
     except ValueError as error:  # SD3: a latent larger than its position table
-        reason = str(error).strip().splitlines()[0]
-        raise UsageError(f"the {family} transformer cannot run at {resolution} pixels: {reason}") from error
+        raise UsageError(f"the {family} transformer cannot run at {resolution} pixels: {first_line(error)}") from error
     methods = dit_methods(getattr(args, "ratios", None))
     rows = compare_unet(model, inputs, methods, repeats=args.repeats, warmup=1, call=call_dit, desc="DiT benchmark")
     for method, row in zip(methods, rows):

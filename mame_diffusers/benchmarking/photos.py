@@ -48,16 +48,21 @@ def photo_tokens(
     return F.layer_norm(tokens, (channels,))
 
 
-def photo_latents(name: str, hw: tuple[int, int], channels: int = 4, seed: int = 0) -> torch.Tensor:
-    """``(1, channels, h, w)`` latents with the spatial statistics of a photo, standing in for
-    a VAE encoding: 8x8 pixel patches projected to ``channels``, standardised to unit variance."""
-    height, width = hw
-    photo = load_photo(name, (8 * height, 8 * width))
+def project_photo(photo: torch.Tensor, channels: int, seed: int = 0) -> torch.Tensor:
+    """``(3, 8h, 8w)`` photo -> ``(channels, h, w)``: its 8x8 pixel patches, centred, by a
+    fixed random projection (not standardised)."""
+    height, width = photo.shape[-2] // 8, photo.shape[-1] // 8
     patches = F.unfold(photo[None], kernel_size=8, stride=8).transpose(1, 2)
     patches = patches - patches.mean(dim=1, keepdim=True)
     latents = patches @ _patch_projection(8, channels, seed)
-    latents = (latents - latents.mean()) / latents.std()
-    return latents.transpose(1, 2).reshape(1, channels, height, width)
+    return latents[0].T.reshape(channels, height, width)
+
+
+def photo_latents(name: str, hw: tuple[int, int], channels: int = 4, seed: int = 0) -> torch.Tensor:
+    """``(1, channels, h, w)`` latents with the spatial statistics of a photo, standing in for
+    a VAE encoding: 8x8 pixel patches projected to ``channels``, standardised to unit variance."""
+    latents = project_photo(load_photo(name, (8 * hw[0], 8 * hw[1])), channels, seed)
+    return ((latents - latents.mean()) / latents.std())[None]
 
 
 def photo_latent_batch(hw: tuple[int, int], batch: int = 2, *, channels: int = 4, seed: int = 0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..diffusers_integration import uncompiled
 from .blocks import BlockHooks
 from .config import DiTMaMeConfig
 from .families import Family, family_of, supported_classes
@@ -61,13 +62,13 @@ class _Patch:
 
 def patched_dit_config(model: torch.nn.Module) -> DiTMaMeConfig | None:
     """The MaMe settings applied to ``model``, or ``None`` when it is not patched."""
-    patch = getattr(_uncompiled(model), _PATCH_ATTRIBUTE, None)
+    patch = getattr(uncompiled(model), _PATCH_ATTRIBUTE, None)
     return patch.config if patch is not None else None
 
 
 def apply_mame_to_dit(model: torch.nn.Module, config: DiTMaMeConfig) -> torch.nn.Module:
     """Install MaMe on the blocks of a supported DiT (applying again replaces old settings)."""
-    model = _uncompiled(model)
+    model = uncompiled(model)
     family = family_of(model)
     if family is None:
         raise TypeError(
@@ -100,7 +101,7 @@ def apply_mame_to_dit(model: torch.nn.Module, config: DiTMaMeConfig) -> torch.nn
 def remove_mame_from_dit(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_mame_to_dit`: hooks and processors as they were; a no-op when not
     patched. A processor set after ``apply_mame`` stays."""
-    model = _uncompiled(model)
+    model = uncompiled(model)
     patch = getattr(model, _PATCH_ATTRIBUTE, None)
     if patch is None:
         return model
@@ -134,7 +135,7 @@ def _install_processors(block: torch.nn.Module, kind, patch: _Patch) -> tuple:
 def is_dit(target: Any) -> bool:
     """Whether ``target`` is a diffusion transformer, or a pipeline holding one (and no UNet):
     the models :func:`apply_mame_to_dit` takes, or that it refuses with a clear error."""
-    model = _uncompiled(target) if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
+    model = uncompiled(target) if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
     if isinstance(target, torch.nn.Module):
         return _is_diffusers_transformer(model)
     return isinstance(model, torch.nn.Module) and not isinstance(getattr(target, "unet", None), torch.nn.Module)
@@ -144,9 +145,9 @@ def dit_models_of(target: Any) -> list[torch.nn.Module]:
     """The DiTs of ``target``: a pipeline's ``transformer`` (and Wan 2.2's ``transformer_2``),
     or the model itself."""
     if isinstance(target, torch.nn.Module):
-        return [_uncompiled(target)]
+        return [uncompiled(target)]
     models = [getattr(target, name, None) for name in _PIPELINE_MODELS]
-    return [_uncompiled(m) for m in models if isinstance(m, torch.nn.Module)]
+    return [uncompiled(m) for m in models if isinstance(m, torch.nn.Module)]
 
 
 def _is_diffusers_transformer(model: torch.nn.Module) -> bool:
@@ -155,8 +156,3 @@ def _is_diffusers_transformer(model: torch.nn.Module) -> bool:
     return family_of(model) is not None or (
         cls.__module__.startswith("diffusers.models.transformers") and cls.__name__ != "Transformer2DModel"
     )
-
-
-def _uncompiled(model: Any) -> Any:
-    inner = getattr(model, "_orig_mod", None)  # torch._dynamo's OptimizedModule
-    return inner if isinstance(inner, torch.nn.Module) else model
